@@ -1,0 +1,289 @@
+"""Dataset readers for local files in their official formats; nothing is downloaded.
+
+Each reader returns an :class:`ImageData` of uint8 images (N, C, H, W) at the native size and
+int64 labels. A missing or malformed file raises :class:`DatasetError` naming the path and the
+files expected there.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+CIFAR10_CLASSES = [
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+]  # fmt: skip
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+class DatasetError(FileNotFoundError):
+    """A dataset file is missing or malformed; the message names the path and what is expected."""
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """Images of one split: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,)."""
+
+    name: str
+    split: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+
+    def __post_init__(self) -> None:
+        assert self.images.dtype == torch.uint8 and self.images.ndim == 4, self.images.shape
+        assert self.labels.shape == (self.images.shape[0],), (self.labels.shape, self.images.shape)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Fashion-MNIST: IDX files (optionally gzipped), as shipped by Debian's dataset-fashion-mnist
+
+
+def _find(root: Path, stem: str, dataset: str, expected: list[str]) -> Path:
+    for cand in (root / stem, root / f"{stem}.gz"):
+        if cand.is_file():
+            return cand
+    hint = " (install Debian's dataset-fashion-mnist package)" if dataset == "fashion-mnist" else ""
+    raise DatasetError(
+        f"{dataset}: missing {root / stem}[.gz]; expected in {root}: {', '.join(expected)}{hint}"
+    )
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format): magic 0x0000TTDD, DD big-endian uint32 dims, data."""
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as err:
+            raise DatasetError(f"{path}: not a valid gzip file ({err})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DatasetError(f"{path}: not an unsigned-byte IDX file (bad magic {raw[:4].hex()})")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DatasetError(f"{path}: truncated IDX header")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    size = int(np.prod(dims))
+    if len(raw) != header + size:
+        raise DatasetError(
+            f"{path}: IDX dims {dims} need {header + size} bytes, file has {len(raw)} (truncated?)"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def load_fashion_mnist(root: str, split: str) -> ImageData:
+    base = Path(root or FASHION_MNIST_DIR)
+    prefix = {"train": "train", "test": "t10k"}[split]
+    expected = [f"{p}-{k}-idx{n}-ubyte[.gz]" for p in ("train", "t10k") for k, n in (("images", 3), ("labels", 1))]
+    if not base.is_dir():
+        raise DatasetError(
+            f"fashion-mnist: folder {base} not found; expected {', '.join(expected)} there "
+            "(install Debian's dataset-fashion-mnist package, or set data.root)"
+        )
+    images = read_idx(_find(base, f"{prefix}-images-idx3-ubyte", "fashion-mnist", expected))
+    labels = read_idx(_find(base, f"{prefix}-labels-idx1-ubyte", "fashion-mnist", expected))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DatasetError(
+            f"fashion-mnist in {base}: images {images.shape} and labels {labels.shape} do not match"
+        )
+    return ImageData(
+        "fashion-mnist", split, torch.from_numpy(images.copy()).unsqueeze(1),
+        torch.from_numpy(labels.astype(np.int64)), FASHION_MNIST_CLASSES,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-10: the "python version" (pickled batches) or the "binary version"
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10 batches without executing anything but numpy array reconstruction."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+    }  # fmt: skip
+
+    def find_class(self, module: str, name: str) -> type:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset file")
+        return super().find_class(module, name)
+
+
+def _cifar_python(folder: Path, files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for f in files:
+        path = folder / f
+        if not path.is_file():
+            raise DatasetError(f"cifar10: missing {path}; expected data_batch_1..5 and test_batch in {folder}")
+        try:
+            with path.open("rb") as fh:
+                batch = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
+            data, labels = batch[b"data"], batch[b"labels"]
+        except (pickle.UnpicklingError, KeyError, EOFError, TypeError) as err:
+            raise DatasetError(f"{path}: not a CIFAR-10 python batch ({err})") from None
+        xs.append(np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(labels, dtype=np.int64))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _cifar_binary(folder: Path, files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for f in files:
+        path = folder / f
+        if not path.is_file():
+            raise DatasetError(f"cifar10: missing {path}; expected data_batch_1..5.bin and test_batch.bin in {folder}")
+        raw = np.fromfile(path, dtype=np.uint8)
+        if raw.size % 3073:
+            raise DatasetError(f"{path}: size {raw.size} is not a multiple of 3073-byte records")
+        rec = raw.reshape(-1, 3073)
+        ys.append(rec[:, 0].astype(np.int64))
+        xs.append(rec[:, 1:].reshape(-1, 3, 32, 32))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def load_cifar10(root: str, split: str) -> ImageData:
+    base = Path(root or "data/cifar10")
+    py_files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    for folder in (base, base / "cifar-10-batches-py", base / "cifar-10-batches-bin"):
+        if (folder / py_files[0]).is_file():
+            x, y = _cifar_python(folder, py_files)
+            break
+        if (folder / f"{py_files[0]}.bin").is_file():
+            x, y = _cifar_binary(folder, [f"{f}.bin" for f in py_files])
+            break
+    else:
+        raise DatasetError(
+            f"cifar10: no batches found under {base}; expected cifar-10-batches-py/ (data_batch_1..5, "
+            "test_batch) or cifar-10-batches-bin/ (the same names with .bin), as extracted from the "
+            "official archives; set data.root to their folder"
+        )
+    return ImageData("cifar10", split, torch.from_numpy(x.copy()), torch.from_numpy(y), CIFAR10_CLASSES)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders: root/<class>/*.png (and root/train, root/test when present); CelebA
+
+
+def _read_image(path: Path, mode: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert(mode))
+    except (UnidentifiedImageError, OSError) as err:
+        raise DatasetError(f"{path}: cannot read image ({err})") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def load_image_folder(root: str, split: str) -> ImageData:
+    if not root:
+        raise DatasetError("image-folder: set data.root to a folder of <class>/<image> files")
+    base = Path(root)
+    folder = base / split if (base / "train").is_dir() else base
+    if not (base / "train").is_dir() and split == "test":
+        raise DatasetError(f"image-folder: {base} has no test/ subfolder; expected {base}/test/<class>/*.png")
+    if not folder.is_dir():
+        raise DatasetError(f"image-folder: folder {folder} not found; expected {folder}/<class>/<image>")
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    files = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / c).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise DatasetError(f"image-folder: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}/<class>/")
+    from PIL import Image
+
+    with Image.open(files[0][0]) as first:
+        mode = "L" if first.mode in ("L", "1", "I;16") else "RGB"
+    arrays = [_read_image(p, mode) for p, _ in files]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise DatasetError(f"image-folder: images in {folder} differ in size {sorted(shapes)[:3]}; resize them first")
+    x = torch.from_numpy(np.stack(arrays))
+    y = torch.tensor([i for _, i in files], dtype=torch.int64)
+    return ImageData("image-folder", split, x, y, classes)
+
+
+def load_celeba(root: str, split: str) -> ImageData:
+    """CelebA aligned crops, labelled with FedPhD's 4 pseudo-classes 2*Male + Young.
+
+    Expects ``img_align_celeba/``, ``list_attr_celeba.txt`` and ``list_eval_partition.txt`` in root.
+    Images are center-cropped to 178x178 (de Goede, Diff-Pruning); resizing happens in transforms.
+    """
+    base = Path(root or "data/celeba")
+    need = [base / "img_align_celeba", base / "list_attr_celeba.txt", base / "list_eval_partition.txt"]
+    missing = [str(p) for p in need if not p.exists()]
+    if missing:
+        raise DatasetError(f"celeba: missing {', '.join(missing)}; expected the official aligned release in {base}")
+    part = dict(line.split() for line in need[2].read_text().split("\n") if line.strip())
+    lines = need[1].read_text().split("\n")
+    header = lines[1].split()
+    male, young = header.index("Male"), header.index("Young")
+    wanted = {"train": "0", "test": "2"}[split]
+    names, labels = [], []
+    for line in lines[2:]:
+        cols = line.split()
+        if cols and part.get(cols[0]) == wanted:
+            names.append(cols[0])
+            labels.append(2 * (cols[1 + male] == "1") + (cols[1 + young] == "1"))
+    arrays = []
+    for n in names:
+        a = _read_image(need[0] / n, "RGB")
+        h, w = a.shape[1:]
+        top, left = (h - 178) // 2, (w - 178) // 2
+        arrays.append(a[:, top : top + 178, left : left + 178])
+    x = torch.from_numpy(np.stack(arrays))
+    classes = ["female-old", "female-young", "male-old", "male-young"]
+    return ImageData("celeba", split, x, torch.tensor(labels, dtype=torch.int64), classes)
+
+
+Reader = Callable[[str, str], ImageData]
+DATASETS: dict[str, Reader] = {
+    "fashion-mnist": load_fashion_mnist,
+    "cifar10": load_cifar10,
+    "celeba": load_celeba,
+    "image-folder": load_image_folder,
+}
+
+
+def load_dataset(name: str, root: str, split: str) -> ImageData:
+    """Read one split (``train`` or ``test``) of a registered dataset."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}; choose from ['test', 'train']")
+    return DATASETS[name](root, split)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write an unsigned-byte IDX file (gzipped when the name ends in .gz); used by tests and tools."""
+    arr = np.ascontiguousarray(array, dtype=np.uint8)
+    buf = io.BytesIO()
+    buf.write(bytes([0, 0, 0x08, arr.ndim]))
+    buf.write(struct.pack(f">{arr.ndim}I", *arr.shape))
+    buf.write(arr.tobytes())
+    data = buf.getvalue()
+    path.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)

@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from feddiff.data.partition import (
+    PartitionError, dirichlet, iid, label_histograms, make_partition, partition_hash, pathological, quantity,
+)
+
+LABELS = np.repeat(np.arange(10), 100)  # 1000 samples, 100 per class
+
+
+def assert_exact_cover(parts, n):
+    allidx = np.concatenate(parts)
+    assert len(allidx) == n
+    assert np.array_equal(np.sort(allidx), np.arange(n))
+
+
+def entropy(hist):
+    p = hist / hist.sum(1, keepdims=True)
+    return -(p * np.log(np.where(p > 0, p, 1))).sum(1)
+
+
+def test_iid_equal_sizes_and_cover():
+    parts = iid(LABELS, 3, seed=0)
+    assert [len(p) for p in parts] == [334, 333, 333]
+    assert_exact_cover(parts, 1000)
+
+
+@pytest.mark.parametrize("fn", [iid, dirichlet, quantity])
+def test_seeded_and_reproducible(fn):
+    a, b, c = fn(LABELS, 5, seed=1), fn(LABELS, 5, seed=1), fn(LABELS, 5, seed=2)
+    assert partition_hash(a) == partition_hash(b)
+    assert partition_hash(a) != partition_hash(c)
+
+
+def test_dirichlet_covers_min_size_and_is_skewed():
+    parts = dirichlet(LABELS, 5, seed=0, alpha=0.1, min_samples=10)
+    assert_exact_cover(parts, 1000)
+    assert min(len(p) for p in parts) >= 10
+    # label skew is measurable: per-client label entropy far below IID's log(10)
+    skewed = entropy(label_histograms(LABELS, parts, 10)).mean()
+    flat = entropy(label_histograms(LABELS, iid(LABELS, 5, 0), 10)).mean()
+    assert flat > 2.2 and skewed < 1.6
+
+
+def test_dirichlet_skew_grows_as_alpha_shrinks():
+    ent = [entropy(label_histograms(LABELS, dirichlet(LABELS, 10, seed=s, alpha=a), 10)).mean()
+           for a in (100.0, 1.0, 0.1) for s in (0,)]
+    assert ent[0] > ent[1] > ent[2]
+
+
+def test_dirichlet_impossible_min_size_is_clear():
+    with pytest.raises(PartitionError, match="cannot give 20 clients at least 60"):
+        dirichlet(LABELS, 20, seed=0, min_samples=60)
+
+
+def test_quantity_sizes_skewed_labels_mixed():
+    parts = quantity(LABELS, 5, seed=0, alpha=0.5, min_samples=10)
+    assert_exact_cover(parts, 1000)
+    sizes = sorted(len(p) for p in parts)
+    assert sizes[0] >= 10 and sizes[-1] > 2 * sizes[0]
+
+
+def test_pathological_random_k_classes_each():
+    parts = pathological(LABELS, 10, seed=0, classes_per_client=2)
+    hist = label_histograms(LABELS, parts, 10)
+    assert ((hist > 0).sum(1) <= 2).all() and ((hist > 0).sum(1) >= 1).all()
+    assert (hist[:, :][np.arange(10), np.arange(10)] > 0).all()  # client i holds class i mod 10
+    assert_exact_cover(parts, 1000)
+
+
+def test_pathological_fedphd_rule_hand_computed():
+    # FedPhD CIFAR-10 setting: 20 clients, 2 classes each -> 4 shards per class,
+    # shard j of class i to client (4i + j) % 20: clients 0-3 hold {0, 5}, 4-7 {1, 6}, ...
+    labels = np.repeat(np.arange(10), 40)
+    parts = pathological(labels, 20, seed=0, classes_per_client=2, shard_rule="fedphd")
+    hist = label_histograms(labels, parts, 10)
+    for client in range(20):
+        g = client // 4
+        assert set(np.flatnonzero(hist[client])) == {g, g + 5}
+        assert hist[client, g] == 10 and hist[client, g + 5] == 10
+    assert_exact_cover(parts, 400)
+
+
+def test_pathological_bad_k():
+    with pytest.raises(PartitionError, match="classes_per_client must be in"):
+        pathological(LABELS, 4, seed=0, classes_per_client=11)
+
+
+def test_make_partition_unknown_method_lists_valid():
+    with pytest.raises(PartitionError, match=r"choose from \['dirichlet', 'iid', 'pathological', 'quantity'\]"):
+        make_partition("shards", LABELS, 2, 0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_clients=st.integers(1, 12), seed=st.integers(0, 2**31), method=st.sampled_from(["iid", "dirichlet", "quantity"]),
+       alpha=st.floats(0.3, 5.0))
+def test_property_every_index_exactly_once(n_clients, seed, method, alpha):
+    parts = make_partition(method, LABELS, n_clients, seed, alpha=alpha, min_samples=5)
+    assert len(parts) == n_clients
+    assert_exact_cover(parts, 1000)
+    assert all(np.all(np.diff(p) > 0) for p in parts)  # sorted, no duplicates

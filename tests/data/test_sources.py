@@ -1,0 +1,136 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from feddiff.data.sources import DatasetError, load_dataset, load_fashion_mnist, read_idx, write_idx
+from feddiff.data.transforms import fit_to_size, make_grid, random_flip, to_model_range, to_uint8
+
+
+def test_idx_roundtrip_raw_and_gz(tmp_path):
+    a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    for name in ("x-idx3-ubyte", "x-idx3-ubyte.gz"):
+        write_idx(tmp_path / name, a)
+        assert np.array_equal(read_idx(tmp_path / name), a)
+
+
+def test_idx_truncated_names_path(tmp_path):
+    p = tmp_path / "bad-idx3-ubyte"
+    write_idx(p, np.zeros((4, 5, 5), np.uint8))
+    p.write_bytes(p.read_bytes()[:-7])
+    with pytest.raises(DatasetError, match="bad-idx3-ubyte.*truncated"):
+        read_idx(p)
+
+
+def test_fashion_mnist_reader(fmnist_dir):
+    d = load_fashion_mnist(str(fmnist_dir), "train")
+    assert d.images.shape == (400, 1, 28, 28) and d.images.dtype == torch.uint8
+    assert d.labels.shape == (400,) and d.num_classes == 10 and d.class_names[9] == "Ankle boot"
+
+
+def test_missing_folder_names_path_and_files(tmp_path):
+    with pytest.raises(DatasetError, match=r"nowhere.*train-images-idx3-ubyte\[\.gz\].*dataset-fashion-mnist"):
+        load_dataset("fashion-mnist", str(tmp_path / "nowhere"), "train")
+
+
+def test_missing_file_names_it(tmp_path, fmnist_dir):
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes((fmnist_dir / "train-images-idx3-ubyte.gz").read_bytes())
+    with pytest.raises(DatasetError, match="missing .*train-labels-idx1-ubyte"):
+        load_dataset("fashion-mnist", str(tmp_path), "train")
+
+
+def _cifar_batch(path, n, seed):
+    rng = np.random.default_rng(seed)
+    batch = {b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))}
+    batch[b"labels"] = [int(x) for x in batch[b"labels"]]
+    path.write_bytes(pickle.dumps(batch))
+    return batch
+
+
+def test_cifar10_python_batches(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    batches = [_cifar_batch(folder / f"data_batch_{i}", 6, i) for i in range(1, 6)]
+    _cifar_batch(folder / "test_batch", 4, 9)
+    d = load_dataset("cifar10", str(tmp_path), "train")
+    assert d.images.shape == (30, 3, 32, 32)
+    assert np.array_equal(d.images[6].numpy().reshape(-1), batches[1][b"data"][0])
+    assert d.labels[6] == batches[1][b"labels"][0]
+    assert len(load_dataset("cifar10", str(tmp_path), "test")) == 4
+
+
+def test_cifar10_refuses_code_in_pickles(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}))
+    with pytest.raises(DatasetError, match="not a CIFAR-10 python batch.*builtins.print"):
+        load_dataset("cifar10", str(tmp_path), "train")
+
+
+def test_cifar10_binary_and_missing(tmp_path):
+    folder = tmp_path / "cifar-10-batches-bin"
+    folder.mkdir()
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        rec = np.zeros((2, 3073), np.uint8)
+        rec[:, 0] = [3, 7]
+        rec[1, 1:] = 255
+        rec.tofile(folder / name)
+    d = load_dataset("cifar10", str(tmp_path), "train")
+    assert d.images.shape == (10, 3, 32, 32) and d.labels[:2].tolist() == [3, 7] and d.images[1].min() == 255
+    with pytest.raises(DatasetError, match="cifar-10-batches-py/ .*data_batch_1"):
+        load_dataset("cifar10", str(tmp_path / "empty"), "train")
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c, value in (("cats", 10), ("dogs", 200)):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    d = load_dataset("image-folder", str(tmp_path), "train")
+    assert d.class_names == ["cats", "dogs"] and d.images.shape == (6, 3, 8, 8)
+    assert d.labels.tolist() == [0, 0, 0, 1, 1, 1] and int(d.images[3, 0, 0, 0]) == 200
+
+
+def test_unknown_dataset_lists_valid():
+    with pytest.raises(ValueError, match="choose from .*'cifar10'.*'fashion-mnist'"):
+        load_dataset("mnist", "", "train")
+
+
+def test_fit_to_size_pad_centres_the_image():
+    x = torch.full((1, 1, 28, 28), 255, dtype=torch.uint8)
+    y = fit_to_size(x, 32, "pad")
+    assert y.shape == (1, 1, 32, 32)
+    assert y[0, 0, 2:30, 2:30].min() == 255 and y[0, 0, :2].max() == 0 and y[0, 0, :, 30:].max() == 0
+    with pytest.raises(ValueError, match="cannot shrink 28x28 images to 16"):
+        fit_to_size(x, 16, "pad")
+    assert fit_to_size(x, 16, "resize").shape == (1, 1, 16, 16)
+    assert fit_to_size(torch.zeros((2, 3, 20, 30), dtype=torch.uint8), 8, "center-crop").shape == (2, 3, 8, 8)
+
+
+def test_range_conversions_and_flip():
+    x = torch.tensor([[[[0, 255, 128]]]], dtype=torch.uint8)
+    y = to_model_range(x)
+    assert y.flatten().tolist() == pytest.approx([-1.0, 1.0, 128 / 127.5 - 1], abs=1e-6)
+    assert torch.equal(to_uint8(y), x)
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.arange(2 * 4, dtype=torch.float32).reshape(2, 1, 1, 4).repeat(50, 1, 1, 1)
+    out = random_flip(imgs, g)
+    flipped = (out != imgs).flatten(1).any(1)
+    assert 20 < int(flipped.sum()) < 80  # about half
+    assert torch.equal(out[flipped], imgs[flipped].flip(-1))
+
+
+def test_make_grid_layout():
+    imgs = torch.stack([torch.full((1, 2, 2), i, dtype=torch.uint8) for i in range(1, 5)])
+    g = make_grid(imgs, nrow=2, pad=1)
+    assert g.shape == (1, 7, 7)
+    assert g[0, 1, 1] == 1 and g[0, 1, 4] == 2 and g[0, 4, 1] == 3 and g[0, 4, 4] == 4 and g[0, 0, 0] == 0
