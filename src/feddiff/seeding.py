@@ -1,0 +1,29 @@
+"""Owned randomness: every stochastic step draws from a generator derived from the root seed.
+
+``derive_seed(seed, "batches", round, client)`` is stable across processes and machines (it does
+not use Python's salted ``hash``), so a client's batches and noise depend only on (seed, round,
+client): the same in the simulator, after a resume, and on a Flower node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A 63-bit seed from the root seed and a path of names/numbers."""
+    text = "/".join([str(seed), *map(str, parts)])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def torch_generator(device: torch.device | str, seed: int, *parts: object) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(derive_seed(seed, *parts))
+    return g
+
+
+def numpy_rng(seed: int, *parts: object) -> np.random.Generator:
+    return np.random.default_rng(derive_seed(seed, *parts))
