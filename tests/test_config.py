@@ -1,0 +1,87 @@
+import json
+
+import pytest
+
+from feddiff.config import Config, ConfigError, describe, load_config, load_resolved, parse_override
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_file_name_as_run_name(tmp_path):
+    cfg = load_config(write(tmp_path, "[train]\nlr = 1e-3\n"))
+    assert cfg.train.lr == 1e-3 and cfg.train.batch_size == 32 and cfg.run.name == "c"
+    assert cfg.algorithm.name == "fedavg"
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.learning_rate: unknown key"):
+        load_config(write(tmp_path, "[train]\nlearning_rate = 1e-3\n"))
+
+
+def test_unknown_section_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"trainer: unknown key"):
+        load_config(write(tmp_path, "[trainer]\nlr = 1\n"))
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.batch_size: .*integer.*got 'big'"):
+        load_config(write(tmp_path, '[train]\nbatch_size = "big"\n'))
+    with pytest.raises(ConfigError, match=r"run\.num_rounds: .*greater than or equal to 1.*got 0"):
+        load_config(None, ["run.num_rounds=0"])
+
+
+def test_unknown_names_list_choices():
+    with pytest.raises(ConfigError, match=r"unknown preset 'huge'; choose from \["):
+        load_config(None, ["model.preset=huge"])
+    with pytest.raises(ConfigError, match=r"partition\.method: Input should be 'iid', 'dirichlet'"):
+        load_config(None, ["partition.method=shards"])
+
+
+def test_overrides_parse_toml_values():
+    assert parse_override("train.lr=1e-3") == (["train", "lr"], 1e-3)
+    assert parse_override("data.dataset=cifar10") == (["data", "dataset"], "cifar10")
+    assert parse_override("model.block_out_channels=[8, 16]") == (["model", "block_out_channels"], [8, 16])
+    assert parse_override("train.keep_optimizer_state=true")[1] is True
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("lr")
+    cfg = load_config(None, ["train.lr=0.5", "partition.num_clients=7"])
+    assert cfg.train.lr == 0.5 and cfg.partition.num_clients == 7
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match=r"beta_start \(0.03\) must be below diffusion.beta_end \(0.02\)"):
+        load_config(None, ["diffusion.beta_start=0.03"])
+    with pytest.raises(ConfigError, match=r"min_clients \(9\) exceeds partition.num_clients \(5\)"):
+        load_config(None, ["algorithm.min_clients=9"])
+
+
+def test_missing_file_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[train\n"))
+
+
+def test_resolved_roundtrip(tmp_path):
+    cfg = load_config(None, ["train.lr=3e-4", "train.adam_betas=[0.9, 0.99]"])
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(cfg.model_dump(mode="json")))
+    assert load_resolved(p) == cfg
+
+
+def test_every_field_documented():
+    rows = describe(Config)
+    assert len(rows) > 40
+    assert all(doc for _, _, doc in rows), [k for k, _, d in rows if not d]
+    assert ("train.lr", "0.0002", "Adam learning rate") in rows
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    for p in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.toml")):
+        load_config(p)
