@@ -1,0 +1,61 @@
+"""Pure aggregation math over state dicts: no I/O, no engine types (cf. Flower's aggregate.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+StateDict = dict[str, torch.Tensor]
+
+
+class AggregationError(ValueError):
+    """Replies that cannot be combined (no replies, mismatched keys or shapes, bad weights)."""
+
+
+def normalized_weights(weights: Sequence[float]) -> list[float]:
+    """Weights divided by their sum; they must be finite, non-negative, with a positive sum."""
+    w = [float(x) for x in weights]
+    if not w:
+        raise AggregationError("nothing to aggregate: no replies")
+    if any(x < 0 or x != x or x == float("inf") for x in w):
+        raise AggregationError(f"aggregation weights must be finite and >= 0, got {w}")
+    total = sum(w)
+    if total <= 0:
+        raise AggregationError(f"aggregation weights sum to {total}; at least one must be > 0")
+    return [x / total for x in w]
+
+
+def weighted_mean(states: Sequence[StateDict], weights: Sequence[float]) -> StateDict:
+    """sum_i (w_i / sum_j w_j) * state_i, key by key, in the tensors' own floating dtype.
+
+    Non-floating tensors (counters) must agree across states and are taken as they are.
+    """
+    if len(states) != len(weights):
+        raise AggregationError(f"{len(states)} states but {len(weights)} weights")
+    w = normalized_weights(weights)
+    keys = list(states[0])
+    for i, s in enumerate(states[1:], 1):
+        if s.keys() != states[0].keys():
+            diff = sorted(set(s) ^ set(states[0]))[:5]
+            raise AggregationError(f"reply {i} has different tensors than reply 0 (e.g. {diff})")
+    out: StateDict = {}
+    for k in keys:
+        first = states[0][k]
+        for i, s in enumerate(states[1:], 1):
+            if s[k].shape != first.shape:
+                raise AggregationError(f"{k}: reply {i} has shape {list(s[k].shape)}, reply 0 {list(first.shape)}")
+        if not first.is_floating_point():
+            if any(not torch.equal(s[k], first) for s in states[1:]):
+                raise AggregationError(f"{k}: non-floating tensor differs across replies")
+            out[k] = first.clone()
+            continue
+        acc = torch.mul(first, w[0])
+        for wi, s in zip(w[1:], states[1:]):
+            acc.add_(s[k].to(acc.device), alpha=wi)
+        out[k] = acc
+    return out
+
+
+def clone_state(state: StateDict) -> StateDict:
+    return {k: v.detach().clone() for k, v in state.items()}

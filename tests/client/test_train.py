@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from feddiff.client.train import LocalTrainSpec, train_local
+from feddiff.model.diffusion import make_scheduler
+from feddiff.model.presets import build_unet, unet_kwargs
+
+
+def setup(seed=0):
+    model = build_unet(unet_kwargs("tiny", 1, 8), seed)
+    images = torch.randint(0, 255, (20, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    return model, images, make_scheduler()
+
+
+def test_step_count_epochs_and_steps():
+    assert LocalTrainSpec(lr=1e-3, batch_size=8, local_epochs=2).num_steps(20) == 6  # 2 * ceil(20/8)
+    assert LocalTrainSpec(lr=1e-3, batch_size=8, local_steps=5).num_steps(20) == 5
+    model, images, sched = setup()
+    ticks = []
+    res = train_local(model, images, LocalTrainSpec(lr=1e-3, batch_size=8, local_epochs=2), sched,
+                      torch.Generator().manual_seed(0), progress=lambda: ticks.append(1))
+    assert res.num_steps == 6 and len(ticks) == 6 and res.loss > 0
+
+
+def test_same_generator_same_result():
+    outs = []
+    for _ in range(2):
+        model, images, sched = setup()
+        train_local(model, images, LocalTrainSpec(lr=1e-3, batch_size=8, local_steps=3), sched, torch.Generator().manual_seed(4))
+        outs.append(model.state_dict())
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_warmup_scales_first_steps():
+    # with warm-up over 1000 steps the first 2 steps move weights ~500x less than without
+    deltas = []
+    for warm in (0, 1000):
+        model, images, sched = setup()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        train_local(model, images, LocalTrainSpec(lr=1e-3, batch_size=8, local_steps=2, warmup_steps=warm, grad_clip=0),
+                    sched, torch.Generator().manual_seed(0))
+        deltas.append(sum((model.state_dict()[k] - before[k]).abs().sum() for k in before))
+    assert deltas[1] < deltas[0] / 100
+
+
+def test_kept_optimizer_state_is_returned_and_used():
+    model, images, sched = setup()
+    spec = LocalTrainSpec(lr=1e-3, batch_size=8, local_steps=2)
+    res = train_local(model, images, spec, sched, torch.Generator().manual_seed(0), optimizer_state={})
+    st = res.optimizer_state
+    assert st and st["conv_in.weight/step"].item() == 2
+    res2 = train_local(model, images, spec, sched, torch.Generator().manual_seed(1), optimizer_state=st)
+    assert res2.optimizer_state["conv_in.weight/step"].item() == 4
+    assert train_local(model, images, spec, sched, torch.Generator().manual_seed(1)).optimizer_state is None
+
+
+def test_prox_needs_anchor():
+    model, images, sched = setup()
+    with pytest.raises(ValueError, match="anchor"):
+        train_local(model, images, LocalTrainSpec(lr=1e-3, batch_size=8, local_steps=1, prox_mu=0.1), sched,
+                    torch.Generator().manual_seed(0))
