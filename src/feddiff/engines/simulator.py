@@ -1,0 +1,269 @@
+"""The embedded in-process simulator: the default engine, and the round loop written once.
+
+Clients run one after another on one working model. Every task and reply is serialized to real
+bytes (``LocalTransport``), so the ledger counts what a distributed engine would send. All
+randomness derives from (seed, round, client), so a run killed at any moment and resumed from its
+last checkpoint ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import DDPMPipeline
+
+import feddiff
+from feddiff.algorithms.base import Reply
+from feddiff.client.runtime import ClientState
+from feddiff.compress.wire import Message
+from feddiff.config import Config, load_resolved
+from feddiff.evaluate import Evaluator
+from feddiff.experiment import Experiment, build_experiment, partition_record
+from feddiff.engines.progress import RoundProgress
+from feddiff.engines.transport import LocalTransport
+from feddiff.metrics.ledger import Ledger
+from feddiff.model.presets import count_parameters
+from feddiff.runs import RunDir, RunError
+
+LINK = "client-server"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+class Simulator:
+    """Runs an :class:`Experiment` round by round in this process."""
+
+    def __init__(self, exp: Experiment, run_dir: RunDir):
+        self.exp = exp
+        self.cfg: Config = exp.cfg
+        self.run_dir = run_dir
+        self.ledger = Ledger()
+        self.transport = LocalTransport(self.ledger)
+        self.clients = [ClientState() for _ in range(exp.num_clients)]
+        self.evaluator = Evaluator(
+            self.cfg.eval, exp.scheduler, exp.test.images if exp.test is not None else None,
+            self.cfg.run.seed, exp.device, self.cfg.diffusion.loss,
+        )
+        self.start_round = 0
+        self.elapsed_s = 0.0
+
+    # -- start or resume ---------------------------------------------------------------------
+    def initialize(self) -> None:
+        """A fresh run: the initial global model, the partition and the manifest on disk."""
+        self.exp.strategy.initialize(self.exp.model.state_dict())
+        rd = self.run_dir
+        rd.write_json("config.json", self.cfg.model_dump(mode="json"))
+        rd.write_json("partition.json", partition_record(self.cfg, self.exp.train, self.exp.parts))
+        rd.write_json("manifest.json", self._manifest())
+
+    def resume(self) -> None:
+        """Restore the state after the last checkpoint; metrics of later rounds are redone."""
+        found = self.run_dir.latest_checkpoint()
+        if found is None:
+            raise RunError(f"{self.run_dir.path} has no checkpoint to resume from")
+        rnd, tensors, state = found
+        strat = {k.removeprefix("strategy/"): v for k, v in tensors.items() if k.startswith("strategy/")}
+        self.exp.strategy.load_state_dict(strat, state["strategy"])
+        for k, meta in state["clients"].items():
+            self.clients[int(k)] = ClientState.from_flat(tensors, meta, f"client/{k}/")
+        self.ledger.load_state_dict(state["ledger"])
+        self.elapsed_s = float(state.get("elapsed_s", 0.0))
+        self.start_round = rnd
+        self.run_dir.truncate_metrics(rnd)
+
+    def checkpoint(self, rounds_done: int) -> None:
+        tensors, strat_meta = self.exp.strategy.state_dict()
+        tensors = {f"strategy/{k}": v for k, v in tensors.items()}
+        clients_meta = {}
+        for k, st in enumerate(self.clients):
+            flat, meta = st.to_flat(f"client/{k}/")
+            tensors.update(flat)
+            clients_meta[str(k)] = meta
+        state = {"strategy": strat_meta, "clients": clients_meta, "ledger": self.ledger.state_dict(),
+                 "elapsed_s": self.elapsed_s}
+        self.run_dir.save_checkpoint(rounds_done, tensors, state, keep=self.cfg.run.keep_checkpoints)
+
+    # -- the round loop ----------------------------------------------------------------------
+    def run(self) -> RunDir:
+        cfg, exp = self.cfg, self.exp
+        num_rounds = cfg.run.num_rounds
+        progress = RoundProgress(cfg.run.progress, num_rounds, self.start_round)
+        progress.message(self._banner())
+        try:
+            for rnd in range(self.start_round, num_rounds):
+                t_round = time.perf_counter()
+                # Configure: what each sampled client receives
+                tasks = exp.strategy.configure(rnd)
+                total_steps = sum(exp.runtime.spec.num_steps(len(exp.parts[t.client])) for t in tasks)
+                progress.start_round(rnd, [t.client for t in tasks], total_steps)
+
+                # Local training, one client after another, every message through the transport
+                replies, client_rows = [], []
+                t_train = time.perf_counter()
+                for i, task in enumerate(tasks):
+                    progress.start_client(task.client, i, len(tasks))
+                    replies.append(self._client_round(task, progress.step))
+                t_train = time.perf_counter() - t_train
+
+                # Aggregate
+                t_agg = time.perf_counter()
+                agg_metrics = exp.strategy.aggregate(rnd, replies)
+                t_agg = time.perf_counter() - t_agg
+                comm = self.ledger.close_round()
+
+                # Evaluate (every N rounds and after the last)
+                t_eval = time.perf_counter()
+                last = rnd + 1 == num_rounds
+                every = cfg.eval.every_rounds
+                evaluation = self._evaluate(rnd + 1, last) if last or (every and (rnd + 1) % every == 0) else None
+                t_eval = time.perf_counter() - t_eval
+
+                # Record the round, then checkpoint (a resume redoes rounds after the checkpoint)
+                t_round = time.perf_counter() - t_round
+                self.elapsed_s += t_round
+                for r in replies:
+                    node = comm["bytes_per_node"].get(f"client{r.client}", {})
+                    client_rows.append({"id": r.client, "num_samples": r.num_samples, **r.metrics,
+                                        "bytes_down": node.get("down", 0), "bytes_up": node.get("up", 0)})
+                n_total = sum(r.num_samples for r in replies)
+                loss = sum(r.metrics["loss"] * r.num_samples for r in replies) / n_total
+                record: dict[str, Any] = {
+                    "round": rnd + 1, "loss": loss, "clients": client_rows, **agg_metrics,
+                    **{k: v for k, v in comm.items() if k != "bytes_per_node"},
+                    "time_s": {"train": t_train, "aggregate": t_agg, "eval": t_eval, "round": t_round},
+                    "elapsed_s": self.elapsed_s,
+                }
+                if evaluation is not None:
+                    record["eval"] = evaluation
+                self.run_dir.append_metrics(record)
+                every_ckpt = cfg.run.checkpoint_every
+                if last or (every_ckpt and (rnd + 1) % every_ckpt == 0):
+                    self.checkpoint(rnd + 1)
+                progress.end_round(rnd, self._round_line(record, num_rounds))
+        finally:
+            progress.close()
+        progress.message(f"run folder: {self.run_dir.path}")
+        return self.run_dir
+
+    def _client_round(self, task, on_step) -> Reply:
+        exp = self.exp
+        node = f"client{task.client}"
+        down = self.transport.send(task.link, "down", node, Message(task.tensors, {"config": task.config}))
+        tensors, n, metrics = exp.runtime.handle(
+            task.client, down.tensors, down.meta["config"], self.clients[task.client],
+            exp.client_images[task.client], progress=on_step,
+        )
+        up = self.transport.send(task.link, "up", node, Message(tensors, {"num_samples": n, "metrics": metrics}))
+        return Reply(task.client, up.tensors, int(up.meta["num_samples"]), up.meta["metrics"])
+
+    def _evaluate(self, rounds_done: int, last: bool) -> dict[str, Any]:
+        model = self.exp.model
+        model.load_state_dict(self.exp.strategy.global_state())
+        tag = f"round-{rounds_done:04d}"
+        out = self.evaluator(model, self.run_dir.path / "samples", tag)
+        if last:
+            if "grid" in out:
+                out["final_grid"] = str(self._copy_final(out["grid"]))
+            self.export_model()
+            out["model"] = "model"
+        return out
+
+    def _copy_final(self, grid: str) -> Path:
+        src = self.run_dir.path / grid
+        dst = self.run_dir.path / "samples" / "final.png"
+        dst.write_bytes(src.read_bytes())
+        return dst.relative_to(self.run_dir.path)
+
+    def export_model(self) -> Path:
+        """The global model as a diffusers pipeline folder: ``DDPMPipeline.from_pretrained(path)``."""
+        model = self.exp.model
+        model.load_state_dict(self.exp.strategy.global_state())
+        pipe = DDPMPipeline(unet=model, scheduler=self.exp.scheduler)
+        pipe.save_pretrained(self.run_dir.model_path, safe_serialization=True)
+        return self.run_dir.model_path
+
+    # -- text --------------------------------------------------------------------------------
+    def _manifest(self) -> dict[str, Any]:
+        exp = self.exp
+        return {
+            "feddiff": feddiff.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "device": str(exp.device), "threads": torch.get_num_threads(),
+            "seed": self.cfg.run.seed, "partition_hash": partition_record(self.cfg, exp.train, exp.parts)["hash"],
+            "parameters": count_parameters(exp.model), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+    def _banner(self) -> str:
+        exp, cfg = self.exp, self.cfg
+        sizes = [len(p) for p in exp.parts]
+        return (
+            f"[bold]feddiff[/bold] {cfg.algorithm.name} | {cfg.data.dataset} {cfg.data.image_size}px, "
+            f"{exp.num_clients} clients ({cfg.partition.method}, sizes {min(sizes)}..{max(sizes)}) | "
+            f"{cfg.model.preset} U-Net {count_parameters(exp.model) / 1e6:.2f}M params | {exp.device} | "
+            f"rounds {self.start_round + 1}..{cfg.run.num_rounds} -> {self.run_dir.path}"
+        )
+
+    @staticmethod
+    def _round_line(rec: dict[str, Any], num_rounds: int) -> str:
+        b = rec["bytes"].get(LINK, {"down": 0, "up": 0})
+        line = (f"round {rec['round']:>3}/{num_rounds}  loss {rec['loss']:.4f}  clients {len(rec['clients'])}  "
+                f"down {_fmt_bytes(b['down'])}  up {_fmt_bytes(b['up'])}  {rec['time_s']['round']:.1f}s")
+        if "eval" in rec:
+            ev = rec["eval"]
+            if "heldout_loss" in ev:
+                line += f"  heldout {ev['heldout_loss']:.4f}"
+            if "grid" in ev:
+                line += f"  grid {ev['grid']}"
+        return line
+
+
+def run(cfg: Config, out_dir: str | None = None) -> RunDir:
+    """Train a new run from ``cfg``; returns its folder."""
+    exp = build_experiment(cfg)  # fails on bad data before any folder is made
+    run_dir = RunDir.create(out_dir or cfg.run.out_dir, f"{cfg.run.name or 'run'}")
+    sim = Simulator(exp, run_dir)
+    sim.initialize()
+    return sim.run()
+
+
+# settings a resume may change: they do not touch the training math
+RESUMABLE_OVERRIDES = ("run.num_rounds", "run.progress", "run.checkpoint_every", "run.keep_checkpoints", "eval.")
+
+
+def resume(path: str | Path, overrides: list[str] = ()) -> RunDir:
+    """Continue a run from its last checkpoint (optionally with more rounds: run.num_rounds=N)."""
+    from feddiff.config import ConfigError, config_from_dict, parse_override, _set_path
+
+    run_dir = RunDir.open(path)
+    cfg = load_resolved(run_dir.config_path)
+    if overrides:
+        raw = cfg.model_dump(mode="json")
+        for text in overrides:
+            key, value = parse_override(text)
+            dotted = ".".join(key)
+            if not any(dotted == k or (k.endswith(".") and dotted.startswith(k)) for k in RESUMABLE_OVERRIDES):
+                raise ConfigError(
+                    f"--set {dotted} cannot change on resume (it would change the training math); "
+                    f"allowed: {', '.join(RESUMABLE_OVERRIDES)}"
+                )
+            _set_path(raw, key, value)
+        cfg = config_from_dict(raw, f"{run_dir.config_path} with overrides")
+        run_dir.write_json("config.json", cfg.model_dump(mode="json"))
+    sim = Simulator(build_experiment(cfg), run_dir)
+    sim.resume()
+    if sim.start_round >= cfg.run.num_rounds:
+        raise RunError(
+            f"{run_dir.path} already finished all {cfg.run.num_rounds} rounds; "
+            "extend it with --set run.num_rounds=N"
+        )
+    return sim.run()

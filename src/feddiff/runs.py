@@ -1,0 +1,171 @@
+"""The run folder: created once, appended to, checkpointed atomically; reports only read it.
+
+Layout::
+
+    runs/<name>-<YYYYmmdd-HHMMSS>/
+      config.json          the resolved config (what --resume reads)
+      manifest.json        versions, seed, partition hash, model size
+      partition.json       per-client indices and label histograms
+      metrics.jsonl        one JSON line per round
+      samples/             sample grids (round-0004.png, final.png)
+      checkpoints/         round-0004.safetensors (+ the JSON round state inside)
+      model/               the final model: DDPMPipeline.from_pretrained(<this folder>)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+
+StateDict = dict[str, torch.Tensor]
+_CKPT = re.compile(r"round-(\d+)\.safetensors$")
+
+
+class RunError(RuntimeError):
+    """A run folder is missing, incomplete or inconsistent."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:  # some file systems refuse fsync on folders
+        pass
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+class RunDir:
+    """A run folder on disk."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    # -- creation and opening --------------------------------------------------------------
+    @classmethod
+    def create(cls, out_dir: str | Path, name: str) -> RunDir:
+        """A new, uniquely named folder ``<out_dir>/<name>-<timestamp>[-n]``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "run"
+        base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        for n in range(1000):
+            path = out / (base if n == 0 else f"{base}-{n}")
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            (path / "samples").mkdir()
+            (path / "checkpoints").mkdir()
+            return cls(path)
+        raise RunError(f"could not create a unique run folder under {out}")
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        p = Path(path)
+        if not (p / "config.json").is_file():
+            raise RunError(f"{p} is not a run folder (no config.json)")
+        return cls(p)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / "model"
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        path = self.path / name
+        atomic_write_json(path, obj)
+        return path
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text())
+
+    # -- metrics ---------------------------------------------------------------------------
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        out = []
+        for line in self.metrics_path.read_text().splitlines():
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut short by a crash: ignore it
+                    continue
+        return out
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """Keep records of rounds <= ``last_round`` (a resume redoes the later ones)."""
+        kept = [r for r in self.read_metrics() if r.get("round", -1) <= last_round]
+        atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """(round, path) of complete checkpoints, oldest first."""
+        found = []
+        for p in (self.path / "checkpoints").glob("round-*.safetensors"):
+            m = _CKPT.search(p.name)
+            if m:
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def save_checkpoint(self, rnd: int, tensors: StateDict, state: dict[str, Any], keep: int = 2) -> Path:
+        """Write the state after round ``rnd`` atomically; older checkpoints beyond ``keep`` go."""
+        path = self.path / "checkpoints" / f"round-{rnd:05d}.safetensors"
+        blob = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                       metadata={"round": str(rnd), "state": json.dumps(state)})
+        atomic_write_bytes(path, blob)
+        for _, old in self.checkpoints()[:-keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_checkpoint(self, path: Path) -> tuple[int, StateDict, dict[str, Any]]:
+        """(round, tensors, state) of one checkpoint file."""
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata()
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            return int(meta["round"]), tensors, json.loads(meta["state"])
+        except Exception as err:  # safetensors raises its own error types
+            raise RunError(f"checkpoint {path} is unreadable: {err}") from None
+
+    def latest_checkpoint(self) -> tuple[int, StateDict, dict[str, Any]] | None:
+        """The newest readable checkpoint (a damaged newest one falls back to the one before)."""
+        for _, path in reversed(self.checkpoints()):
+            try:
+                return self.load_checkpoint(path)
+            except RunError:
+                continue
+        return None
