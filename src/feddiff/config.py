@@ -107,7 +107,65 @@ class FedAvgConfig(_AlgorithmBase):
     name: Literal["fedavg"] = F("fedavg", "algorithm: fedavg")
 
 
-Algorithm = Annotated[Union[FedAvgConfig], Field(discriminator="name")]
+class FedProxConfig(_AlgorithmBase):
+    """FedProx (Li et al. 2020): FedAvg plus a proximal term; FedDM-prox in Vora et al. (2024)."""
+
+    name: Literal["fedprox"] = F("fedprox", "algorithm: fedprox")
+    mu: float = F(0.01, "proximal weight: local loss + (mu/2)||w - w_global||^2", ge=0)
+
+
+class USplitConfig(_AlgorithmBase):
+    """USPLIT (de Goede et al. 2024): paired clients upload complementary U-Net parts."""
+
+    name: Literal["usplit"] = F("usplit", "algorithm: usplit")
+
+
+class UDecConfig(_AlgorithmBase):
+    """UDEC (de Goede et al. 2024): only the decoder is shared; encoders and latent stay private."""
+
+    name: Literal["udec"] = F("udec", "algorithm: udec")
+
+
+class ULatDecConfig(_AlgorithmBase):
+    """ULATDEC (de Goede et al. 2024): latent + decoder shared; encoders stay private."""
+
+    name: Literal["ulatdec"] = F("ulatdec", "algorithm: ulatdec")
+
+
+Algorithm = Annotated[
+    Union[FedAvgConfig, FedProxConfig, USplitConfig, UDecConfig, ULatDecConfig], Field(discriminator="name")
+]
+
+
+class LinkConfig(Section):
+    """How one direction of the client<->server link is encoded (``compress/channel.py``)."""
+
+    codec: Literal["identity", "fp16", "bf16", "int8", "int4"] = F(
+        "identity", "tensor codec: identity (fp32) | fp16 | bf16 | int8 | int4"
+    )
+    scheme: Literal["affine", "channel"] = F(
+        "affine", "int8/int4 scales: per-tensor affine (min/max) or per-output-channel symmetric"
+    )
+    stochastic_rounding: bool = F(False, "int8/int4: unbiased stochastic rounding instead of round-to-nearest")
+    mode: Literal["weights", "delta"] = F(
+        "weights", "encode the tensors themselves, or their difference from the receiver's reference"
+    )
+    error_feedback: bool = F(False, "delta mode: keep what quantization dropped and add it to the next message")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LinkConfig:
+        if self.error_feedback and self.mode != "delta":
+            raise ValueError("error_feedback = true needs mode = \"delta\"")
+        if self.codec not in ("int8", "int4") and (self.stochastic_rounding or self.scheme != "affine"):
+            raise ValueError(f"scheme and stochastic_rounding apply to int8/int4 only, not codec {self.codec!r}")
+        return self
+
+
+class CompressConfig(Section):
+    """Compression of every algorithm's messages, per direction (FedDM-quant: uplink int8 deltas)."""
+
+    uplink: LinkConfig = F(LinkConfig(), "client -> server")
+    downlink: LinkConfig = F(LinkConfig(), "server -> client")
 
 
 class EvalConfig(Section):
@@ -119,6 +177,24 @@ class EvalConfig(Section):
     )
     grid_size: int = F(64, "images in the sample grid PNG; 0 = no grids", ge=0)
     loss_num_samples: int = F(512, "held-out test images for the denoising loss; 0 = skip", ge=0)
+    fid_num_samples: int = F(0, "generated images for FD/KID/IS per evaluated model; 0 = skip these metrics", ge=0)
+    feature_net: Literal["domain", "inception"] = F(
+        "domain", "features for FD/KID/IS: domain (a classifier trained offline on the dataset: 'FD-domain') "
+        "or inception (the FID network; weights from a local file: 'FID')"
+    )
+    reference_split: Literal["train", "test"] = F("test", "real images the generated ones are compared with")
+    reference_num_samples: int = F(0, "real images for the reference statistics; 0 = the whole split", ge=0)
+    inception_weights: str = F(
+        "", "path to pt_inception-2015-12-05-6726825d.pth; empty = $FEDDIFF_INCEPTION_WEIGHTS"
+    )
+    cache_dir: str = F("", "cache for feature networks and reference statistics; empty = $FEDDIFF_CACHE or ~/.cache/feddiff")
+
+
+class SweepConfig(Section):
+    """A grid of runs for ``feddiff sweep`` (``feddiff run`` trains the base point only)."""
+
+    grid: dict[str, list[Any]] = F({}, "dotted key -> values; the sweep runs every combination, in file order")
+    repeats: int = F(1, "runs per grid point, seeds run.seed, run.seed + 1, ...", ge=1)
 
 
 class Config(Section):
@@ -129,7 +205,9 @@ class Config(Section):
     diffusion: DiffusionConfig = DiffusionConfig()
     train: TrainConfig = TrainConfig()
     algorithm: Algorithm = FedAvgConfig()
+    compress: CompressConfig = CompressConfig()
     eval: EvalConfig = EvalConfig()
+    sweep: SweepConfig = SweepConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -206,7 +284,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
         # discriminated unions put the tag in the location (algorithm.fedavg.mu): drop it
-        loc = loc.replace("algorithm.fedavg.", "algorithm.")
+        for tag in ALGORITHM_CONFIGS:
+            loc = loc.replace(f"algorithm.{tag}.", "algorithm.")
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (not a field of this section; see `feddiff config`)"
@@ -263,11 +342,18 @@ def describe(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[st
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows += describe(ann, key + ".")
         elif name == "algorithm":
-            for variant in ALGORITHM_CONFIGS.values():
-                rows += [r for r in describe(variant, key + ".") if r not in rows]
+            rows.append((f"{key}.name", '"fedavg"', "algorithm: " + " | ".join(ALGORITHM_CONFIGS)))
+            rows += [r for r in describe(_AlgorithmBase, key + ".")]
+            for tag, variant in ALGORITHM_CONFIGS.items():
+                own = set(variant.model_fields) - set(_AlgorithmBase.model_fields) - {"name"}
+                rows += [(k, d, f"[{tag}] {doc}") for k, d, doc in describe(variant, key + ".")
+                         if k.rsplit(".", 1)[1] in own]
         else:
             rows.append((key, json.dumps(field.default), field.description or ""))
     return rows
 
 
-ALGORITHM_CONFIGS: dict[str, type[_AlgorithmBase]] = {"fedavg": FedAvgConfig}
+ALGORITHM_CONFIGS: dict[str, type[_AlgorithmBase]] = {
+    "fedavg": FedAvgConfig, "fedprox": FedProxConfig, "usplit": USplitConfig, "udec": UDecConfig,
+    "ulatdec": ULatDecConfig,
+}

@@ -6,9 +6,15 @@ from typing import Any
 
 from feddiff.algorithms.base import Reply, Strategy, Task
 from feddiff.algorithms.fedavg import FedAvg
+from feddiff.algorithms.fedprox import FedProx
+from feddiff.algorithms.unet_split import UDec, ULatDec, USplit
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "usplit": USplit,
+    "udec": UDec,
+    "ulatdec": ULatDec,
 }
 
 

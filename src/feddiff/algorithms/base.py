@@ -9,7 +9,7 @@ does the former, the client runtime (``client/runtime.py``) the latter.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -57,6 +57,8 @@ class Strategy:
         Root seed; client sampling in round r depends only on (seed, r).
     """
 
+    personalized: ClassVar[bool] = False  # clients keep personal models that are evaluated one by one
+
     def __init__(self, cfg: Any, num_clients: int, seed: int):
         self.cfg = cfg
         self.num_clients = num_clients
@@ -86,6 +88,10 @@ class Strategy:
     def global_state(self) -> StateDict:
         """The model to evaluate and export."""
         return self.global_model
+
+    def personal_model(self, personal: StateDict) -> StateDict:
+        """For personalized strategies: the model a client holding ``personal`` would evaluate."""
+        raise NotImplementedError(f"{type(self).__name__} has no personal models")
 
     # -- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> tuple[StateDict, dict[str, Any]]:
