@@ -14,7 +14,9 @@ from diffusers import DDPMScheduler, UNet2DModel
 from feddiff.algorithms import Strategy, make_strategy
 from feddiff.client.runtime import ClientRuntime
 from feddiff.client.train import LocalTrainSpec
-from feddiff.config import Config
+from feddiff.compress.channel import LinkSpec
+from feddiff.compress.codecs import make_codec
+from feddiff.config import Config, LinkConfig
 from feddiff.data.partition import Partition, label_histograms, make_partition, partition_hash
 from feddiff.data.sources import ImageData, load_dataset
 from feddiff.data.transforms import fit_to_size
@@ -90,6 +92,12 @@ def train_spec(cfg: Config) -> LocalTrainSpec:
         warmup_steps=t.warmup_steps, grad_clip=t.grad_clip, adam_betas=tuple(t.adam_betas),
         loss=cfg.diffusion.loss, random_flip=cfg.data.random_flip,
     )
+
+
+def link_spec(link: LinkConfig) -> LinkSpec:
+    """A configured direction of the link: codec, weights or delta, error feedback."""
+    kwargs = {"scheme": link.scheme, "stochastic_rounding": link.stochastic_rounding} if link.codec in ("int8", "int4") else {}
+    return LinkSpec(make_codec(link.codec, **kwargs), link.mode, link.error_feedback)
 
 
 @dataclass

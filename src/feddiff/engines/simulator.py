@@ -23,9 +23,10 @@ from feddiff.client.runtime import ClientState
 from feddiff.compress.wire import Message
 from feddiff.config import Config, load_resolved
 from feddiff.evaluate import Evaluator
-from feddiff.experiment import Experiment, build_experiment, partition_record
+from feddiff.experiment import Experiment, build_experiment, link_spec, partition_record
 from feddiff.engines.progress import RoundProgress
 from feddiff.engines.transport import LocalTransport
+from feddiff.metrics.cost import architecture_signature, model_cost
 from feddiff.metrics.ledger import Ledger
 from feddiff.model.presets import count_parameters
 from feddiff.runs import RunDir, RunError
@@ -49,7 +50,8 @@ class Simulator:
         self.cfg: Config = exp.cfg
         self.run_dir = run_dir
         self.ledger = Ledger()
-        self.transport = LocalTransport(self.ledger)
+        comp = self.cfg.compress
+        self.transport = LocalTransport(self.ledger, link_spec(comp.downlink), link_spec(comp.uplink), self.cfg.run.seed)
         self.clients = [ClientState() for _ in range(exp.num_clients)]
         self.evaluator = Evaluator(
             self.cfg.eval, exp.scheduler, exp.test.images if exp.test is not None else None,
@@ -57,6 +59,7 @@ class Simulator:
         )
         self.start_round = 0
         self.elapsed_s = 0.0
+        self.arch = ""  # signature of the last architecture whose cost was recorded
 
     # -- start or resume ---------------------------------------------------------------------
     def initialize(self) -> None:
@@ -78,20 +81,24 @@ class Simulator:
         for k, meta in state["clients"].items():
             self.clients[int(k)] = ClientState.from_flat(tensors, meta, f"client/{k}/")
         self.ledger.load_state_dict(state["ledger"])
+        self.transport.load_state_dict({k.removeprefix("transport/"): v for k, v in tensors.items()
+                                        if k.startswith("transport/")})
         self.elapsed_s = float(state.get("elapsed_s", 0.0))
+        self.arch = state.get("arch", "")
         self.start_round = rnd
         self.run_dir.truncate_metrics(rnd)
 
     def checkpoint(self, rounds_done: int) -> None:
         tensors, strat_meta = self.exp.strategy.state_dict()
         tensors = {f"strategy/{k}": v for k, v in tensors.items()}
+        tensors.update({f"transport/{k}": v for k, v in self.transport.state_dict().items()})
         clients_meta = {}
         for k, st in enumerate(self.clients):
             flat, meta = st.to_flat(f"client/{k}/")
             tensors.update(flat)
             clients_meta[str(k)] = meta
         state = {"strategy": strat_meta, "clients": clients_meta, "ledger": self.ledger.state_dict(),
-                 "elapsed_s": self.elapsed_s}
+                 "elapsed_s": self.elapsed_s, "arch": self.arch}
         self.run_dir.save_checkpoint(rounds_done, tensors, state, keep=self.cfg.run.keep_checkpoints)
 
     # -- the round loop ----------------------------------------------------------------------
@@ -113,7 +120,7 @@ class Simulator:
                 t_train = time.perf_counter()
                 for i, task in enumerate(tasks):
                     progress.start_client(task.client, i, len(tasks))
-                    replies.append(self._client_round(task, progress.step))
+                    replies.append(self._client_round(task, rnd, progress.step))
                 t_train = time.perf_counter() - t_train
 
                 # Aggregate
@@ -146,6 +153,9 @@ class Simulator:
                 }
                 if evaluation is not None:
                     record["eval"] = evaluation
+                cost = self._cost_if_changed()
+                if cost is not None:
+                    record["model_cost"] = cost
                 self.run_dir.append_metrics(record)
                 every_ckpt = cfg.run.checkpoint_every
                 if last or (every_ckpt and (rnd + 1) % every_ckpt == 0):
@@ -156,42 +166,60 @@ class Simulator:
         progress.message(f"run folder: {self.run_dir.path}")
         return self.run_dir
 
-    def _client_round(self, task, on_step) -> Reply:
-        exp = self.exp
+    def _client_round(self, task, rnd: int, on_step) -> Reply:
+        exp, state = self.exp, self.clients[task.client]
         node = f"client{task.client}"
-        down = self.transport.send(task.link, "down", node, Message(task.tensors, {"config": task.config}))
+        down = self.transport.to_client(task.link, node, Message(task.tensors, {"config": task.config}), state, rnd)
         tensors, n, metrics = exp.runtime.handle(
-            task.client, down.tensors, down.meta["config"], self.clients[task.client],
-            exp.client_images[task.client], progress=on_step,
+            task.client, down.tensors, down.meta["config"], state, exp.client_images[task.client], progress=on_step,
         )
-        up = self.transport.send(task.link, "up", node, Message(tensors, {"num_samples": n, "metrics": metrics}))
+        reply = Message(tensors, {"num_samples": n, "metrics": metrics})
+        up = self.transport.to_server(task.link, node, reply, down.tensors, state, rnd)
         return Reply(task.client, up.tensors, int(up.meta["num_samples"]), up.meta["metrics"])
 
+    def eval_models(self) -> dict[str, dict[str, torch.Tensor]]:
+        """What to evaluate: the global model, or each client's personal model (UDEC, ULATDEC)."""
+        strategy = self.exp.strategy
+        if not strategy.personalized:
+            return {"global": strategy.global_state()}
+        return {f"client{k}": strategy.personal_model(st.personal)
+                for k, st in enumerate(self.clients) if st.personal is not None}
+
     def _evaluate(self, rounds_done: int, last: bool) -> dict[str, Any]:
-        model = self.exp.model
-        model.load_state_dict(self.exp.strategy.global_state())
-        tag = f"round-{rounds_done:04d}"
-        out = self.evaluator(model, self.run_dir.path / "samples", tag)
-        if last:
-            if "grid" in out:
-                out["final_grid"] = str(self._copy_final(out["grid"]))
-            self.export_model()
-            out["model"] = "model"
+        model, samples = self.exp.model, self.run_dir.path / "samples"
+        results: dict[str, dict[str, Any]] = {}
+        for name, state in self.eval_models().items():
+            model.load_state_dict(state)
+            tag = f"round-{rounds_done:04d}" + ("" if name == "global" else f"-{name}")
+            results[name] = self.evaluator(model, samples, tag)
+            if last:
+                results[name].update(self._finalize(name, results[name]))
+        if list(results) == ["global"]:
+            return results["global"]
+        return {"models": results, **summarize(results)}
+
+    def _finalize(self, name: str, result: dict[str, Any]) -> dict[str, str]:
+        """After the last round: samples/final*.png and the exported pipeline."""
+        out = {}
+        suffix = "" if name == "global" else f"-{name}"
+        if "grid" in result:
+            src = self.run_dir.path / result["grid"]
+            dst = self.run_dir.path / "samples" / f"final{suffix}.png"
+            dst.write_bytes(src.read_bytes())
+            out["final_grid"] = str(dst.relative_to(self.run_dir.path))
+        target = self.run_dir.model_path if name == "global" else self.run_dir.path / "models" / name
+        DDPMPipeline(unet=self.exp.model, scheduler=self.exp.scheduler).save_pretrained(target, safe_serialization=True)
+        out["model"] = str(target.relative_to(self.run_dir.path))
         return out
 
-    def _copy_final(self, grid: str) -> Path:
-        src = self.run_dir.path / grid
-        dst = self.run_dir.path / "samples" / "final.png"
-        dst.write_bytes(src.read_bytes())
-        return dst.relative_to(self.run_dir.path)
-
-    def export_model(self) -> Path:
-        """The global model as a diffusers pipeline folder: ``DDPMPipeline.from_pretrained(path)``."""
-        model = self.exp.model
-        model.load_state_dict(self.exp.strategy.global_state())
-        pipe = DDPMPipeline(unet=model, scheduler=self.exp.scheduler)
-        pipe.save_pretrained(self.run_dir.model_path, safe_serialization=True)
-        return self.run_dir.model_path
+    def _cost_if_changed(self) -> dict[str, Any] | None:
+        """Parameters and MACs of the global model, recorded at the start and whenever its shape changes."""
+        state = self.exp.strategy.global_state()
+        sig = architecture_signature(state)
+        if sig == self.arch:
+            return None
+        self.arch = sig
+        return model_cost(self.exp.model, self.exp.train.channels, self.cfg.data.image_size)
 
     # -- text --------------------------------------------------------------------------------
     def _manifest(self) -> dict[str, Any]:
@@ -200,7 +228,8 @@ class Simulator:
             "feddiff": feddiff.__version__, "python": platform.python_version(), "torch": torch.__version__,
             "diffusers": diffusers.__version__, "device": str(exp.device), "threads": torch.get_num_threads(),
             "seed": self.cfg.run.seed, "partition_hash": partition_record(self.cfg, exp.train, exp.parts)["hash"],
-            "parameters": count_parameters(exp.model), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "model": model_cost(exp.model, exp.train.channels, self.cfg.data.image_size),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
     def _banner(self) -> str:
@@ -222,15 +251,33 @@ class Simulator:
             ev = rec["eval"]
             if "heldout_loss" in ev:
                 line += f"  heldout {ev['heldout_loss']:.4f}"
+            if "heldout_loss_mean" in ev:
+                line += f"  heldout {ev['heldout_loss_mean']:.4f} (mean of {len(ev['models'])} personal models)"
             if "grid" in ev:
                 line += f"  grid {ev['grid']}"
         return line
 
 
-def run(cfg: Config, out_dir: str | None = None) -> RunDir:
-    """Train a new run from ``cfg``; returns its folder."""
+def summarize(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Mean and spread over models (personal models: the papers report the mean over clients)."""
+    out: dict[str, float] = {}
+    keys = {k for r in results.values() for k, v in r.items() if isinstance(v, (int, float))}
+    for k in sorted(keys):
+        values = torch.tensor([float(r[k]) for r in results.values() if k in r], dtype=torch.float64)
+        out[f"{k}_mean"] = float(values.mean())
+        out[f"{k}_std"] = float(values.std()) if len(values) > 1 else 0.0
+        out[f"{k}_min"], out[f"{k}_max"] = float(values.min()), float(values.max())
+    return out
+
+
+def run(cfg: Config, out_dir: str | None = None, run_path: str | Path | None = None) -> RunDir:
+    """Train a new run from ``cfg``; returns its folder (``run_path``: exactly there, else a new
+    uniquely named folder under ``out_dir``)."""
     exp = build_experiment(cfg)  # fails on bad data before any folder is made
-    run_dir = RunDir.create(out_dir or cfg.run.out_dir, f"{cfg.run.name or 'run'}")
+    if run_path is not None:
+        run_dir = RunDir.create_at(run_path)
+    else:
+        run_dir = RunDir.create(out_dir or cfg.run.out_dir, f"{cfg.run.name or 'run'}")
     sim = Simulator(exp, run_dir)
     sim.initialize()
     return sim.run()
