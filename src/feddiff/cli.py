@@ -14,6 +14,8 @@ Federated training of diffusion models (DDPM) on data split across clients.
   feddiff sample runs/quickstart-20261123-101500 --num 64 --out grid.png
   feddiff partition configs/quickstart.toml      per-client sizes and label counts, no training
   feddiff config [CONFIG]                        every config key with its default and meaning
+  feddiff model-info cifar10-ddpm                parameters, MACs and encoder/latent/decoder shares
+  feddiff sweep configs/degoede_fmnist.toml      a grid of runs (resumable), with a summary table
 """
 
 
@@ -48,6 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="TOML config")
     _add_set(p)
 
+    p = sub.add_parser("sweep", help="run every point of a config's [sweep] grid, resumably, and summarize",
+                       description="Run the grid of CONFIG's [sweep] section (one run folder per point) and print a "
+                                   "summary table with communication savings against FedAvg (FULL).")
+    p.add_argument("config", nargs="?", help="TOML config with a [sweep.grid] table")
+    p.add_argument("--resume", metavar="SWEEP_DIR", help="continue a sweep: skip finished points, resume the rest")
+    p.add_argument("--summary", metavar="SWEEP_DIR", help="only print (and save) the summary of a sweep folder")
+    p.add_argument("--out", metavar="DIR", help="folder for the sweep folder (default: run.out_dir)")
+    p.add_argument("--dry-run", action="store_true", help="list the points and exit")
+    _add_set(p)
+
+    p = sub.add_parser("model-info", help="parameters, MACs and parameter-group shares of a model preset")
+    p.add_argument("preset", help="tiny | small | fmnist | cifar10-ddpm")
+    p.add_argument("--image-size", type=int, default=32, help="resolution for MACs (default 32)")
+    p.add_argument("--channels", type=int, default=None, help="image channels (default: 3 for cifar10-ddpm, else 1)")
+
     p = sub.add_parser("config", help="print every config key with its default and description, or a resolved config")
     p.add_argument("config", nargs="?", help="a TOML config to resolve and print as JSON")
     _add_set(p)
@@ -56,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "model-info" and args.channels is None:
+        args.channels = 3 if args.preset == "cifar10-ddpm" else 1
     from feddiff.commands import COMMANDS, USER_ERRORS
 
     try:

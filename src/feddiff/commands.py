@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -14,6 +15,10 @@ from feddiff.data.sources import DatasetError
 from feddiff.runs import RunDir, RunError
 
 USER_ERRORS = (ConfigError, DatasetError, PartitionError, RunError)
+
+
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=True)  # text lines are not cut at 80 columns in logs
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -65,7 +70,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     images = sample(model, sched, args.num, torch_generator(device, args.seed, "sample-cli"),
                     args.sampler or cfg.eval.sampler, steps, cfg.eval.timestep_spacing)
     out = save_png(make_grid(to_uint8(images).cpu()), args.out, scale=max(1, -(-64 // images.shape[-1])))
-    Console().print(f"{args.num} images from {source} -> {out}")
+    _console().print(f"{args.num} images from {source} -> {out}")
     return 0
 
 
@@ -90,14 +95,14 @@ def cmd_partition(args: argparse.Namespace) -> int:
     for k, row in enumerate(hist):
         table.add_row(str(k), str(int(row.sum())), *[str(int(c)) if c else "." for c in row])
     table.add_row("all", str(int(hist.sum())), *[str(int(c)) for c in hist.sum(0)], style="bold")
-    console = Console()
+    console = _console()
     console.print(table)
     console.print("classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(train.class_names)))
     return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    console = Console(highlight=False)
+    console = _console()
     if args.config or args.overrides:
         cfg = load_config(args.config, args.overrides)
         console.print_json(json.dumps(cfg.model_dump(mode="json")))
@@ -111,4 +116,62 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "sample": cmd_sample, "partition": cmd_partition, "config": cmd_config}
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from feddiff.metrics.cost import model_cost
+    from feddiff.model.presets import PRESETS, build_unet, unet_kwargs
+
+    if args.preset not in PRESETS:
+        raise ConfigError(f"unknown preset {args.preset!r}; choose from {sorted(PRESETS)}")
+    try:
+        kwargs = unet_kwargs(args.preset, args.channels, args.image_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    cost = model_cost(build_unet(kwargs, 0), args.channels, args.image_size)
+    console = _console()
+    console.print(f"[bold]{args.preset}[/bold]: UNet2DModel, channels {list(kwargs['block_out_channels'])}, "
+                  f"{kwargs['layers_per_block']} resnet(s) per level, blocks {list(kwargs['down_block_types'])}")
+    console.print(f"parameters {cost['parameters'] / 1e6:.3f} M ({cost['parameters']:,})   "
+                  f"MACs {cost['macs'] / 1e9:.3f} G per image at {args.channels}x{args.image_size}x{args.image_size}   "
+                  f"fp32 size {4 * cost['parameters'] / 1e6:.2f} MB")
+    table = Table(title="parameter groups (what USPLIT / UDEC / ULATDEC share)")
+    for col in ("group", "modules", "parameters", "share"):
+        table.add_column(col, justify="right" if col in ("parameters", "share") else "left")
+    modules = {"encoder": "conv_in, time_embedding, down_blocks", "latent": "mid_block",
+               "decoder": "up_blocks, conv_norm_out, conv_out"}
+    for g, v in cost["groups"].items():
+        table.add_row(g, modules[g], f"{v['parameters']:,}", f"{100 * v['share']:.1f}%")
+    console.print(table)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from feddiff.report import compare, summarize_run, table
+    from feddiff.runs import atomic_write_json
+    from feddiff.sweep import expand, run_sweep, sweep_runs
+
+    console = _console()
+    if args.summary:
+        folder = Path(args.summary)
+    elif args.resume:
+        folder = run_sweep("", [], resume_dir=args.resume)
+    else:
+        if not args.config:
+            raise ConfigError("feddiff sweep needs a CONFIG with a [sweep] grid (or --resume / --summary SWEEP_DIR)")
+        cfg = load_config(args.config, args.overrides)
+        points = expand(cfg)
+        if not cfg.sweep.grid:
+            raise ConfigError(f"{args.config} has no [sweep.grid]; add e.g. \"algorithm.name\" = [\"fedavg\", \"udec\"]")
+        if args.dry_run:
+            for p in points:
+                console.print(f"{p.name}: {' '.join(p.overrides)}")
+            console.print(f"{len(points)} runs")
+            return 0
+        folder = run_sweep(args.config, args.overrides, args.out)
+    rows = compare([summarize_run(path, name) for name, _, path in sweep_runs(folder) if (path / "config.json").exists()])
+    atomic_write_json(folder / "summary.json", rows)
+    console.print(table(rows, f"sweep {folder}"))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "sample": cmd_sample, "partition": cmd_partition, "config": cmd_config,
+            "model-info": cmd_model_info, "sweep": cmd_sweep}
