@@ -70,15 +70,21 @@ class RunDir:
         stem = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "run"
         base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         for n in range(1000):
-            path = out / (base if n == 0 else f"{base}-{n}")
             try:
-                path.mkdir()
+                return cls.create_at(out / (base if n == 0 else f"{base}-{n}"))
             except FileExistsError:
                 continue
-            (path / "samples").mkdir()
-            (path / "checkpoints").mkdir()
-            return cls(path)
         raise RunError(f"could not create a unique run folder under {out}")
+
+    @classmethod
+    def create_at(cls, path: str | Path) -> RunDir:
+        """A new run folder at exactly ``path`` (FileExistsError if it exists)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir()
+        (path / "samples").mkdir()
+        (path / "checkpoints").mkdir()
+        return cls(path)
 
     @classmethod
     def open(cls, path: str | Path) -> RunDir:
