@@ -1,0 +1,153 @@
+"""Codec throughput: encode + decode of a whole state dict through the real wire path.
+
+For every codec, one message holding a U-Net state dict goes through ``wire.encode`` and
+``wire.decode`` (the path every simulator message takes). Reported per codec: MB/s of float32
+input processed (encode + decode), the bytes on the wire and how many times fewer than
+``identity``, and the largest absolute error. The reference, measured in the same run and
+interleaved with the codecs, is ``torch.clone`` of the same tensors; ``ratio`` = codec MB/s /
+clone MB/s. ``codec_only_*`` times the codec's encode + decode per tensor without the wire
+(serialization, checksum), to show which of the two costs more. Medians over repeats (the
+machine is noisy). The last line is one JSON object; its
+top-level ``ratio`` is int8 (affine)'s, on the largest model measured.
+
+Torch runs on one thread by default (``--threads``): most state-dict tensors are small, and on a
+shared 2-core machine OpenMP thread hand-offs under contention slowed clone and codecs alike by
+10-100x in trials, which measures the neighbours, not the codec.
+
+    python bench/codec_throughput.py           # small U-Net (1.1M params) + cifar10-ddpm (35.7M)
+    python bench/codec_throughput.py --quick   # small U-Net only (< 30 s)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from feddiff.compress import wire
+from feddiff.compress.codecs import make_codec
+from feddiff.model.presets import build_unet, unet_kwargs
+
+# label -> (codec name, settings)
+CODECS: dict[str, tuple[str, dict]] = {
+    "identity": ("identity", {}),
+    "fp16": ("fp16", {}),
+    "bf16": ("bf16", {}),
+    "int8": ("int8", {"scheme": "affine"}),
+    "int8-channel": ("int8", {"scheme": "channel"}),
+    "int4": ("int4", {"scheme": "affine"}),
+    "int4-channel": ("int4", {"scheme": "channel"}),
+    "int8-stochastic": ("int8", {"scheme": "affine", "stochastic_rounding": True}),
+}
+HEADLINE = "int8"
+
+MODELS = {"small": ("small", 1, 28), "cifar10-ddpm": ("cifar10-ddpm", 3, 32)}
+
+
+def clone_all(tensors: dict[str, torch.Tensor]) -> float:
+    t = time.perf_counter()
+    out = {k: torch.clone(v) for k, v in tensors.items()}
+    dt = time.perf_counter() - t
+    del out
+    return dt
+
+
+def roundtrip(tensors: dict[str, torch.Tensor], codec, seed: int) -> tuple[float, float, bytes, dict]:
+    """(encode seconds, decode seconds, blob, decoded tensors) for one message."""
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    blob = wire.encode(wire.Message(tensors), codec, g)
+    t1 = time.perf_counter()
+    out = wire.decode(blob).tensors
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, blob, out
+
+
+def codec_only(tensors: dict[str, torch.Tensor], codec, seed: int) -> float:
+    """Seconds to encode and decode every tensor with the codec alone (no serialization)."""
+    g = torch.Generator().manual_seed(seed)
+    t = time.perf_counter()
+    for x in tensors.values():
+        storage, params = codec.encode(x, g)
+        codec.decode(storage, params, list(x.shape), x.dtype)
+    return time.perf_counter() - t
+
+
+def bench_model(model: str, repeats: int) -> dict:
+    preset, channels, size = MODELS[model]
+    model_sd = build_unet(unet_kwargs(preset, channels, size), 0).state_dict()
+    tensors = {k: v.detach().clone() for k, v in model_sd.items()}
+    nbytes = sum(v.numel() * v.element_size() for v in tensors.values())
+    mb = nbytes / 1e6
+    codecs = {label: make_codec(name, **settings) for label, (name, settings) in CODECS.items()}
+    print(f"{model}: {len(tensors)} tensors, {sum(v.numel() for v in tensors.values()):,} params, "
+          f"{mb:.1f} MB fp32, {repeats} repeats", flush=True)
+
+    # One untimed pass each: allocator, kernels; it also gives sizes and errors.
+    results: dict[str, dict] = {}
+    clone_all(tensors)
+    for label, codec in codecs.items():
+        _, _, blob, out = roundtrip(tensors, codec, 0)
+        err = max(((out[k].double() - v.double()).abs().max().item() if v.numel() else 0.0)
+                  for k, v in tensors.items())
+        results[label] = {"codec": codec.name, "settings": codec.config(), "bytes": len(blob), "max_abs_error": err}
+
+    # Interleaved timings: clone, then every codec, per repeat.
+    clone_s: list[float] = []
+    times: dict[str, list[tuple[float, float]]] = {label: [] for label in codecs}
+    alone: dict[str, list[float]] = {label: [] for label in codecs}
+    for r in range(repeats):
+        clone_s.append(clone_all(tensors))
+        for label, codec in codecs.items():
+            enc, dec, _, _ = roundtrip(tensors, codec, r + 1)
+            times[label].append((enc, dec))
+            alone[label].append(codec_only(tensors, codec, r + 1))
+        print(f"  repeat {r + 1}/{repeats}: clone {mb / clone_s[-1]:.0f} MB/s, "
+              + ", ".join(f"{label} {mb / sum(times[label][-1]):.0f}" for label in codecs), flush=True)
+
+    clone_mbs = mb / statistics.median(clone_s)
+    identity_bytes = results["identity"]["bytes"]
+    for label, res in results.items():
+        enc = statistics.median(t[0] for t in times[label])
+        dec = statistics.median(t[1] for t in times[label])
+        total = statistics.median(sum(t) for t in times[label])
+        codec_s = statistics.median(alone[label])
+        res.update({
+            "encode_mb_s": round(mb / enc, 1), "decode_mb_s": round(mb / dec, 1), "mb_s": round(mb / total, 1),
+            "ratio": round(mb / total / clone_mbs, 4), "x_smaller": round(identity_bytes / res["bytes"], 4),
+            "codec_only_mb_s": round(mb / codec_s, 1), "codec_only_ratio": round(mb / codec_s / clone_mbs, 4),
+        })
+        res["max_abs_error"] = float(f"{res['max_abs_error']:.4g}")
+        print(f"  {label:16s} {res['mb_s']:7.1f} MB/s (enc {res['encode_mb_s']:.0f}, dec {res['decode_mb_s']:.0f})"
+              f"  ratio to clone {res['ratio']:.3f}  codec alone {res['codec_only_mb_s']:.0f} MB/s"
+              f" ({res['codec_only_ratio']:.3f})  {res['bytes']:>11,} bytes ({res['x_smaller']:.3f}x smaller)"
+              f"  max err {res['max_abs_error']:.3g}", flush=True)
+    return {"params": sum(v.numel() for v in tensors.values()), "tensors": len(tensors), "input_mb": round(mb, 3),
+            "clone_mb_s": round(clone_mbs, 1), "codecs": results}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small U-Net only, under 30 s")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per codec (default 7, cifar10-ddpm 5)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see the module docstring)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    models = ["small"] if args.quick else ["small", "cifar10-ddpm"]
+    out = {}
+    for model in models:
+        default = 5 if model == "cifar10-ddpm" else 7
+        out[model] = bench_model(model, args.repeats or default)
+    main_model = models[-1]
+    print(json.dumps({
+        "bench": "codec_throughput", "mode": "quick" if args.quick else "full", "threads": torch.get_num_threads(),
+        "headline": f"{HEADLINE} on {main_model}", "ratio": out[main_model]["codecs"][HEADLINE]["ratio"],
+        "models": out,
+    }))
+
+
+if __name__ == "__main__":
+    main()
