@@ -1,14 +1,11 @@
 import json
-import zlib
 
 import pytest
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from feddiff.compress.codecs import CODECS, CodecError, make_codec
 from feddiff.compress.quantize import pack_nibbles, unpack_nibbles
-from feddiff.compress.wire import Message, MessageError, decode, encode
+from feddiff.compress.wire import Message, MessageError, decode, encode, pack_frame, unpack_frame
 
 # (name, settings) of every codec variant
 VARIANTS = [
@@ -346,16 +343,10 @@ def test_identity_passes_nan_through():
 
 
 def reframe(blob: bytes, mutate) -> bytes:
-    """Apply ``mutate(storage, index)`` to a message body and rebuild a frame with a valid checksum."""
-    body = blob[8:]
-    storage = dict(st_load(body))
-    n = int.from_bytes(body[:8], "little")
-    header = json.loads(body[8 : 8 + n])["__metadata__"]
-    index = json.loads(header["index"])
-    mutate(storage, index)
-    header["index"] = json.dumps(index)
-    new = st_save(storage, metadata=header)
-    return b"FDM\x01" + zlib.crc32(new).to_bytes(4, "little") + new
+    """Apply ``mutate(storage, index)`` to a message and rebuild a well-formed frame (valid checksum)."""
+    header, storage = unpack_frame(blob)
+    mutate(storage, header["index"])
+    return pack_frame(header, storage)
 
 
 def drop(part):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from feddiff.compress.wire import Message, MessageError, decode, encode
+from feddiff.compress.wire import Message, MessageError, decode, encode, pack_frame, unpack_frame
 
 
 def msg():
@@ -48,19 +48,39 @@ def test_garbage_and_version():
 
 
 def test_inconsistent_header_rejected():
-    # A well-framed message whose header lies about a shape: rebuild the frame around a bad body.
+    # a well-framed message whose index lies about a shape
+    header, storage = unpack_frame(encode(Message({"w": torch.zeros(4)})))
+    header["index"][0][1] = [5]
+    with pytest.raises(MessageError, match=r"tensor 'w'.*header says (torch\.)?float32\[5\]"):
+        decode(pack_frame(header, storage))
+
+
+def test_storage_table_out_of_bounds_rejected():
     import json
     import zlib
 
-    from safetensors.torch import save
+    blob = bytearray(encode(Message({"w": torch.zeros(4)})))
+    n = int.from_bytes(blob[8:12], "little")
+    head = json.loads(blob[12 : 12 + n])
+    assert head["storage"]["w#"][3] == 16
+    head["storage"]["w#"][3] = 64  # claims more bytes than the frame has (same header length)
+    new = json.dumps(head, separators=(",", ":"), sort_keys=True).encode()
+    assert len(new) == n
+    blob[12 : 12 + n] = new
+    blob[4:8] = zlib.crc32(blob[8:]).to_bytes(4, "little")
+    with pytest.raises(MessageError, match="do not fit float32"):
+        decode(bytes(blob))
 
-    body = save({"w#": torch.zeros(4)}, metadata={
-        "codec": "identity", "codec_config": "{}", "meta": "{}",
-        "index": json.dumps([["w", [5], "float32", "identity", {}, [""]]]),
-    })
-    blob = b"FDM\x01" + zlib.crc32(body).to_bytes(4, "little") + body
-    with pytest.raises(MessageError, match=r"tensor 'w'.*header says (torch\.)?float32\[5\]"):
-        decode(blob)
+
+def test_bytes_are_deterministic():
+    m = msg()
+    assert len({encode(m) for _ in range(10)}) == 1
+
+
+def test_empty_and_scalar_tensors():
+    m = Message({"e": torch.zeros(0, 3), "s": torch.tensor(2.5), "b": torch.tensor([True, False])})
+    out = decode(encode(m)).tensors
+    assert out["e"].shape == (0, 3) and out["s"].item() == 2.5 and out["b"].tolist() == [True, False]
 
 
 def test_rejects_hash_in_names():

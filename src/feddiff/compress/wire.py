@@ -1,32 +1,35 @@
 """The message container: named tensors + a small JSON header, as bytes; validated on decode.
 
-Layout::
+Layout (all integers little-endian)::
 
-    b"FDM" | version (1 byte) | crc32 of the rest (4 bytes, little-endian) | safetensors blob
+    b"FDM" | version: u8 | crc32 of everything after this field: u32 | header length: u32
+    | header (UTF-8 JSON) | zero padding to 8 bytes | storage tensors, each 8-byte aligned
 
-The safetensors blob holds every storage tensor and, in its string metadata, the header: the
-codec, the message's scalar fields, and per tensor its name, shape, dtype and codec parameters.
-Nothing is unpickled. Truncated, corrupted or inconsistent bytes raise :class:`MessageError`.
-The ledger counts ``len()`` of these bytes: header and framing included.
+The header holds the codec and its settings, the message's JSON fields (``meta``), the index
+(per logical tensor: name, shape, dtype, codec, codec parameters, storage parts) and the storage
+table (per part: dtype, shape, offset, byte count). Nothing is unpickled; every offset and size
+is checked against the frame before a byte is read, and the bytes are deterministic for equal
+inputs. The ledger counts ``len()`` of the frame: header and padding included.
+
+Version 1 (a safetensors body) is no longer written or read.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from feddiff.compress.codecs import IDENTITY, Codec, CodecError, make_codec
 
 MAGIC = b"FDM"
-VERSION = 1
-_PREFIX = 8  # magic + version + crc32
+VERSION = 2
+_PREFIX = 12  # magic(3) + version(1) + crc32(4) + header length(4)
+_ALIGN = 8
 
 StateDict = dict[str, torch.Tensor]
 
@@ -49,6 +52,89 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
 )}  # fmt: skip
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+# ----------------------------------------------------------------------------------------------
+# The frame: a header dict and named storage tensors <-> bytes
+
+
+def pack_frame(header: dict[str, Any], storage: dict[str, torch.Tensor]) -> bytes:
+    """Lay out ``storage`` after ``header`` (to which the storage table is added) in one buffer."""
+    table, offset, parts = {}, 0, []
+    for key, t in storage.items():
+        t = t.detach().cpu().contiguous()
+        if _dtype_name(t.dtype) not in _DTYPES:
+            raise MessageError(f"storage {key!r}: dtype {t.dtype} cannot travel")
+        nbytes = t.numel() * t.element_size()
+        table[key] = [_dtype_name(t.dtype), list(t.shape), offset, nbytes]
+        parts.append((offset, nbytes, t))
+        offset = _aligned(offset + nbytes)
+    head = json.dumps({**header, "storage": table}, separators=(",", ":"), sort_keys=True).encode()
+    data_start = _aligned(_PREFIX + len(head))
+    buf = bytearray(data_start + offset)
+    buf[:3] = MAGIC
+    buf[3] = VERSION
+    buf[8:12] = len(head).to_bytes(4, "little")
+    buf[_PREFIX : _PREFIX + len(head)] = head
+    view = memoryview(buf)
+    for off, nbytes, t in parts:
+        if nbytes:  # one copy per tensor, straight into the frame
+            view[data_start + off : data_start + off + nbytes] = t.reshape(-1).view(torch.uint8).numpy().data
+    buf[4:8] = zlib.crc32(view[8:]).to_bytes(4, "little")
+    return bytes(buf)
+
+
+def unpack_frame(blob: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Check the frame and return (header, storage tensors); raises :class:`MessageError`."""
+    view = memoryview(blob)
+    if len(view) < _PREFIX or bytes(view[:3]) != MAGIC:
+        raise MessageError(f"not a feddiff message ({len(view)} bytes, starts {bytes(view[:4])!r})")
+    if view[3] != VERSION:
+        raise MessageError(f"message format version {view[3]} is not supported (expected {VERSION})")
+    if zlib.crc32(view[8:]) != int.from_bytes(view[4:8], "little"):
+        raise MessageError(f"message checksum mismatch ({len(view)} bytes): truncated or corrupted")
+    n = int.from_bytes(view[8:12], "little")
+    if _PREFIX + n > len(view):
+        raise MessageError(f"header length {n} runs past the end of a {len(view)}-byte message")
+    try:
+        header = json.loads(bytes(view[_PREFIX : _PREFIX + n]))
+        table = header.pop("storage")
+        data_start = _aligned(_PREFIX + n)
+        size = len(view) - data_start
+        storage = {}
+        for key, (dtype_name, shape, offset, nbytes) in table.items():
+            dtype = _DTYPES[dtype_name]
+            numel = 1
+            for d in shape:
+                if not isinstance(d, int) or d < 0:
+                    raise MessageError(f"storage {key!r}: invalid shape {shape}")
+                numel *= d
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            if nbytes != numel * itemsize or not (0 <= offset and offset + nbytes <= size):
+                raise MessageError(f"storage {key!r}: {nbytes} bytes at {offset} do not fit {dtype_name}{shape} "
+                                   f"in a {size}-byte data section")
+            raw = view[data_start + offset : data_start + offset + nbytes]
+            with warnings.catch_warnings():  # the frame is read-only; we copy out of it at once
+                warnings.simplefilter("ignore", UserWarning)
+                flat = torch.frombuffer(raw, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+            storage[key] = flat.clone().view(dtype).reshape(shape)
+    except MessageError:
+        raise
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RuntimeError) as err:
+        raise MessageError(f"malformed message header: {err}") from None
+    return header, storage
+
+
+# ----------------------------------------------------------------------------------------------
+# Messages: logical tensors through a codec
+
+
 def encode(message: Message, codec: Codec = IDENTITY, generator: torch.Generator | None = None) -> bytes:
     """Serialize a message; floating-point tensors go through ``codec``, others travel as they are."""
     storage: dict[str, torch.Tensor] = {}
@@ -57,37 +143,24 @@ def encode(message: Message, codec: Codec = IDENTITY, generator: torch.Generator
         if "#" in name:
             raise MessageError(f"tensor name {name!r} may not contain '#'")
         c = codec if x.is_floating_point() else IDENTITY
-        parts, params = c.encode(x.detach().cpu(), generator)
+        try:
+            parts, params = c.encode(x.detach().cpu(), generator)
+        except CodecError as err:
+            raise CodecError(f"tensor {name!r}: {err}") from None
         for suffix, t in parts.items():
-            storage[f"{name}#{suffix}"] = t.contiguous()
-        index.append([name, list(x.shape), str(x.dtype).removeprefix("torch."), c.name, params, sorted(parts)])
-    header = {
-        "codec": codec.name,
-        "codec_config": json.dumps(codec.config()),
-        "meta": json.dumps(message.meta),
-        "index": json.dumps(index),
-    }
-    body = st_save(storage, metadata=header)
-    return MAGIC + bytes([VERSION]) + zlib.crc32(body).to_bytes(4, "little") + body
+            storage[f"{name}#{suffix}"] = t
+        index.append([name, list(x.shape), _dtype_name(x.dtype), c.name, params, sorted(parts)])
+    header = {"codec": codec.name, "codec_config": codec.config(), "meta": message.meta, "index": index}
+    return pack_frame(header, storage)
 
 
 def decode(blob: bytes) -> Message:
     """Parse and validate bytes made by :func:`encode`."""
-    if len(blob) < _PREFIX or blob[:3] != MAGIC:
-        raise MessageError(f"not a feddiff message ({len(blob)} bytes, starts {bytes(blob[:4])!r})")
-    if blob[3] != VERSION:
-        raise MessageError(f"message format version {blob[3]} is not supported (expected {VERSION})")
-    body = blob[_PREFIX:]
-    if zlib.crc32(body) != int.from_bytes(blob[4:8], "little"):
-        raise MessageError(f"message checksum mismatch ({len(blob)} bytes): truncated or corrupted")
+    header, storage = unpack_frame(blob)
     try:
-        storage = st_load(body)
-        header = _read_metadata(body)
-        index = json.loads(header["index"])
-        meta = json.loads(header["meta"])
-        codec_config = json.loads(header["codec_config"])
-    except (SafetensorError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MessageError(f"malformed message body: {err}") from None
+        index, meta, codec_config = header["index"], header["meta"], header["codec_config"]
+    except KeyError as err:
+        raise MessageError(f"message header lacks {err}") from None
     tensors: StateDict = {}
     used = set()
     for entry in index:
@@ -99,17 +172,13 @@ def decode(blob: bytes) -> Message:
             x = codec.decode(parts, params, shape, dtype)
         except (ValueError, KeyError, TypeError, CodecError) as err:
             raise MessageError(f"tensor {entry[0] if entry else '?'!r}: {err}") from None
-        if list(x.shape) != list(shape):
-            raise MessageError(f"tensor {name!r}: decoded shape {list(x.shape)} != header {shape}")
+        if list(x.shape) != list(shape) or x.dtype != dtype:
+            raise MessageError(f"tensor {name!r}: decoded {x.dtype}{list(x.shape)} != header {dtype_name}{shape}")
+        if name in tensors:
+            raise MessageError(f"tensor {name!r} appears twice in the message")
         used.update(f"{name}#{s}" for s in suffixes)
         tensors[name] = x
     extra = set(storage) - used
     if extra:
         raise MessageError(f"message has storage not named in its header: {sorted(extra)[:5]}")
     return Message(tensors, meta)
-
-
-def _read_metadata(body: bytes) -> dict[str, str]:
-    n = int.from_bytes(body[:8], "little")
-    head = json.loads(body[8 : 8 + n])
-    return head["__metadata__"]
