@@ -150,8 +150,9 @@ class RunDir:
     def save_checkpoint(self, rnd: int, tensors: StateDict, state: dict[str, Any], keep: int = 2) -> Path:
         """Write the state after round ``rnd`` atomically; older checkpoints beyond ``keep`` go."""
         path = self.path / "checkpoints" / f"round-{rnd:05d}.safetensors"
+        # safetensors sorts tensors by name; the order is kept so a resumed run sends identical messages
         blob = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                       metadata={"round": str(rnd), "state": json.dumps(state)})
+                       metadata={"round": str(rnd), "state": json.dumps(state), "order": json.dumps(list(tensors))})
         atomic_write_bytes(path, blob)
         for _, old in self.checkpoints()[:-keep]:
             old.unlink(missing_ok=True)
@@ -162,7 +163,8 @@ class RunDir:
         try:
             with safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata()
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+                order = json.loads(meta["order"]) if "order" in meta else list(fh.keys())
+                tensors = {k: fh.get_tensor(k) for k in order}
             return int(meta["round"]), tensors, json.loads(meta["state"])
         except Exception as err:  # safetensors raises its own error types
             raise RunError(f"checkpoint {path} is unreadable: {err}") from None

@@ -56,20 +56,30 @@ def test_inconsistent_header_rejected():
 
 
 def test_storage_table_out_of_bounds_rejected():
+    header, storage = unpack_frame(encode(Message({"w": torch.zeros(4)})))
+    blob = pack_frame(header, {"w#": torch.zeros(4)})
+    # rebuild the frame by hand with a storage table that claims more bytes than the frame holds
     import json
     import zlib
 
-    blob = bytearray(encode(Message({"w": torch.zeros(4)})))
     n = int.from_bytes(blob[8:12], "little")
-    head = json.loads(blob[12 : 12 + n])
-    assert head["storage"]["w#"][3] == 16
-    head["storage"]["w#"][3] = 64  # claims more bytes than the frame has (same header length)
-    new = json.dumps(head, separators=(",", ":"), sort_keys=True).encode()
-    assert len(new) == n
-    blob[12 : 12 + n] = new
-    blob[4:8] = zlib.crc32(blob[8:]).to_bytes(4, "little")
+    head = json.loads(zlib.decompress(blob[12 : 12 + n]))
+    head["storage"]["w#"][3] = 64
+    new_head = zlib.compress(json.dumps(head).encode())
+    body = len(new_head).to_bytes(4, "little") + new_head
+    body += bytes((-(12 + len(new_head))) % 8) + bytes(16)
+    bad = b"FDM\x02" + zlib.crc32(body).to_bytes(4, "little") + body
     with pytest.raises(MessageError, match="do not fit float32"):
-        decode(bytes(blob))
+        decode(bad)
+
+
+def test_header_bomb_refused():
+    import zlib
+
+    head = zlib.compress(b"[" * (80 << 20))
+    body = len(head).to_bytes(4, "little") + head
+    with pytest.raises(MessageError, match="complete compressed header"):
+        decode(b"FDM\x02" + zlib.crc32(body).to_bytes(4, "little") + body)
 
 
 def test_bytes_are_deterministic():

@@ -3,7 +3,7 @@
 Layout (all integers little-endian)::
 
     b"FDM" | version: u8 | crc32 of everything after this field: u32 | header length: u32
-    | header (UTF-8 JSON) | zero padding to 8 bytes | storage tensors, each 8-byte aligned
+    | header (zlib-compressed UTF-8 JSON) | zero padding to 8 bytes | storage tensors, 8-byte aligned
 
 The header holds the codec and its settings, the message's JSON fields (``meta``), the index
 (per logical tensor: name, shape, dtype, codec, codec parameters, storage parts) and the storage
@@ -30,6 +30,7 @@ MAGIC = b"FDM"
 VERSION = 2
 _PREFIX = 12  # magic(3) + version(1) + crc32(4) + header length(4)
 _ALIGN = 8
+_MAX_HEADER = 64 << 20  # a decompressed header larger than this is refused (zip bombs)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -75,7 +76,8 @@ def pack_frame(header: dict[str, Any], storage: dict[str, torch.Tensor]) -> byte
         table[key] = [_dtype_name(t.dtype), list(t.shape), offset, nbytes]
         parts.append((offset, nbytes, t))
         offset = _aligned(offset + nbytes)
-    head = json.dumps({**header, "storage": table}, separators=(",", ":"), sort_keys=True).encode()
+    # tensor names repeat in the index and the storage table: compression makes the header small
+    head = zlib.compress(json.dumps({**header, "storage": table}, separators=(",", ":"), sort_keys=True).encode(), 6)
     data_start = _aligned(_PREFIX + len(head))
     buf = bytearray(data_start + offset)
     buf[:3] = MAGIC
@@ -103,7 +105,11 @@ def unpack_frame(blob: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if _PREFIX + n > len(view):
         raise MessageError(f"header length {n} runs past the end of a {len(view)}-byte message")
     try:
-        header = json.loads(bytes(view[_PREFIX : _PREFIX + n]))
+        inflater = zlib.decompressobj()
+        text = inflater.decompress(bytes(view[_PREFIX : _PREFIX + n]), _MAX_HEADER)
+        if inflater.unconsumed_tail or not inflater.eof:
+            raise MessageError(f"message header is not a complete compressed header under {_MAX_HEADER} bytes")
+        header = json.loads(text)
         table = header.pop("storage")
         data_start = _aligned(_PREFIX + n)
         size = len(view) - data_start
@@ -126,7 +132,7 @@ def unpack_frame(blob: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             storage[key] = flat.clone().view(dtype).reshape(shape)
     except MessageError:
         raise
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RuntimeError) as err:
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RuntimeError, zlib.error) as err:
         raise MessageError(f"malformed message header: {err}") from None
     return header, storage
 
