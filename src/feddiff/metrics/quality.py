@@ -1,0 +1,267 @@
+"""Image-quality metrics for the engine: cached reference features, federated reference statistics,
+and :class:`QualityMetrics`, which scores sampled images with FD / KID / IS through torchmetrics.
+
+The feature net runs once per image: features and logits come from one pass, and torchmetrics'
+metrics receive them through a pass-through ``feature`` module (its ``FrechetInceptionDistance``,
+``KernelInceptionDistance`` and ``InceptionScore`` would otherwise each run the network again, which
+for InceptionV3 on a CPU costs ~0.3 s per image). The real side of the FD is loaded into
+torchmetrics' state as sums (:class:`FeatureStats`), so reference statistics summed over clients
+work as well as features computed centrally.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from feddiff.metrics.features import FeatureNet, check_images
+from feddiff.metrics.fid import FeatureStats
+from feddiff.seeding import derive_seed
+
+REFERENCE_SUBDIR = "reference"
+KID_SUBSET_SIZE = 1000  # Binkowski et al.'s default; capped at the number of samples available
+
+
+def _unit_images(images) -> torch.Tensor:
+    """uint8 [0, 255] (tensor or array) -> float32 [0, 1]; float input is taken as already in [0, 1]."""
+    x = torch.as_tensor(images)
+    if x.dtype == torch.uint8:
+        return x.to(torch.float32) / 255
+    check_images(x, (1, 3), "images")
+    return x.to(torch.float32)
+
+
+@torch.no_grad()
+def extract_features(
+    net: FeatureNet, images, *, batch_size: int = 256, with_logits: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Features (N, D) float32 of uint8 images, or of float images in [0, 1], in batches.
+
+    Batches run on the net's device; results come back as numpy arrays. With ``with_logits`` also
+    returns the logits (N, K) from the same pass.
+    """
+    if batch_size < 1:
+        raise ValueError(f"extract_features: batch_size must be >= 1, got {batch_size}")
+    net.eval()
+    device = next(net.parameters()).device
+    feats, logits = [], []
+    for s in range(0, len(images), batch_size):
+        x = _unit_images(images[s : s + batch_size]).to(device)
+        if with_logits:
+            f, z = net.features_and_logits(x)
+            logits.append(z.to("cpu", torch.float32).numpy())
+        else:
+            f = net(x)
+        feats.append(f.to("cpu", torch.float32).numpy())
+    if not feats:
+        raise ValueError("extract_features: no images")
+    out = np.concatenate(feats)
+    return (out, np.concatenate(logits)) if with_logits else out
+
+
+def _key_hash(key: dict[str, Any]) -> tuple[str, str]:
+    try:
+        text = json.dumps(key, sort_keys=True)
+    except TypeError as err:
+        raise ValueError(f"reference key must be JSON-serialisable (str, numbers, lists), got {key!r}: {err}") from None
+    return text, hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def reference_features(
+    net: FeatureNet, images_u8, *, cache_dir: str | os.PathLike, key: dict[str, Any], batch_size: int = 256,
+) -> np.ndarray:
+    """Features of real images, computed once and cached as ``.npz`` keyed by a hash of ``key``.
+
+    Parameters
+    ----------
+    net
+        The feature network.
+    images_u8
+        Real images, uint8 (N, C, H, W), as the model sees them (after resizing to its size).
+    cache_dir
+        Cache root; files go to ``cache_dir/reference/<net>-<hash>.npz``.
+    key
+        Everything the features depend on: dataset, split, image size, resize mode, number of
+        images, ... The net's name and ``weights_id`` are added to it. It is stored in the file.
+    batch_size
+        Images per forward pass.
+
+    Returns
+    -------
+    np.ndarray
+        float32 (N, num_features).
+    """
+    full_key = {"feature_net": net.name, "feature_weights": net.weights_id, "num_images": len(images_u8), **key}
+    text, digest = _key_hash(full_key)
+    path = Path(cache_dir) / REFERENCE_SUBDIR / f"{net.name}-{digest}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            if str(z["key"]) == text:
+                return z["features"]
+    feats = extract_features(net, images_u8, batch_size=batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".npz.tmp")
+    with tmp.open("wb") as fh:
+        np.savez(fh, features=feats, key=np.array(text))
+    os.replace(tmp, path)
+    return feats
+
+
+def save_stats(path: str | os.PathLike, stats: FeatureStats) -> Path:
+    """Write FeatureStats to ``.npz`` (n, sum, outer), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        np.savez(fh, n=np.array(stats.n), sum=stats.sum, outer=stats.outer)
+    os.replace(tmp, path)
+    return path
+
+
+def load_stats(path: str | os.PathLike) -> FeatureStats:
+    with np.load(path) as z:
+        return FeatureStats(float(z["n"]), z["sum"], z["outer"])
+
+
+def federated_reference_stats(client_image_sets: Iterable, net: FeatureNet, batch_size: int = 256) -> FeatureStats:
+    """Sum of the FeatureStats each client computes on its own real images.
+
+    Only (n, sum, outer) would leave a client; the sum equals the statistics of all images pooled.
+    """
+    total: FeatureStats | None = None
+    for images in client_image_sets:
+        stats = FeatureStats.from_features(extract_features(net, images, batch_size=batch_size))
+        total = stats if total is None else total + stats
+    if total is None:
+        raise ValueError("federated_reference_stats: no client image sets")
+    return total
+
+
+class _Passthrough(nn.Module):
+    """A torchmetrics ``feature`` module for precomputed features: returns its input."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class QualityMetrics:
+    """FD, KID and IS of generated images against fixed real references.
+
+    Parameters
+    ----------
+    net
+        The feature network; its ``metric_label`` ("FID" or "FD-domain") labels the FD.
+    reference
+        Real features (N, D) -- enables KID -- or only their :class:`FeatureStats` (e.g. summed
+        over clients), in which case KID is left out (it needs the features themselves).
+    kid_subsets, kid_subset_size
+        KID averages over ``kid_subsets`` subsets of ``min(kid_subset_size, N_real, N_fake)``
+        samples: the 1000 of Binkowski et al. when there are enough samples, else all of them.
+    is_splits
+        Inception Score splits, capped at the number of generated images.
+    seed
+        Seeds KID's subsets and IS's shuffle (torchmetrics draws them from the global RNG; we
+        fork it), so the same images give the same numbers.
+    batch_size
+        Images per forward pass of the feature net.
+    """
+
+    def __init__(
+        self, net: FeatureNet, reference: np.ndarray | FeatureStats, *, kid_subsets: int = 100,
+        kid_subset_size: int = KID_SUBSET_SIZE, is_splits: int = 10, seed: int = 0, batch_size: int = 256,
+    ) -> None:
+        self.net = net
+        if isinstance(reference, FeatureStats):
+            self.real_features, self.real_stats = None, reference
+        else:
+            self.real_features = np.asarray(reference, dtype=np.float64)
+            self.real_stats = FeatureStats.from_features(self.real_features)
+        if self.real_stats.dim != net.num_features:
+            raise ValueError(f"reference features have dimension {self.real_stats.dim}, but feature net "
+                             f"{net.name!r} gives {net.num_features}")
+        if self.real_stats.n < 2:
+            raise ValueError(f"need at least 2 reference images, got {self.real_stats.n:g}")
+        if kid_subsets < 1 or kid_subset_size < 2 or is_splits < 1:
+            raise ValueError(f"QualityMetrics: kid_subsets >= 1, kid_subset_size >= 2 and is_splits >= 1 "
+                             f"required; got {kid_subsets}, {kid_subset_size}, {is_splits}")
+        self.kid_subsets, self.kid_subset_size, self.is_splits = kid_subsets, kid_subset_size, is_splits
+        self.seed, self.batch_size = seed, batch_size
+
+    def compute(self, fake_images: torch.Tensor) -> dict[str, float | str | int]:
+        """Score generated images, float in [-1, 1] (N, C, H, W) as the sampler returns them.
+
+        Returns
+        -------
+        dict
+            ``fd`` (the Fréchet distance; ``label`` says whether it is "FID" or "FD-domain"),
+            ``kid_mean``, ``kid_std`` (when reference features are available), ``is_mean``,
+            ``is_std``, ``label``, ``feature_net``, ``num_fake``, ``num_real``.
+        """
+        check_images(fake_images, (1, 3), "QualityMetrics.compute")
+        n = int(fake_images.shape[0])
+        if n < 2:
+            raise ValueError(f"QualityMetrics.compute: need at least 2 generated images, got {n}")
+        unit = ((fake_images.detach().to("cpu", torch.float32) + 1) / 2).clamp(0, 1)
+        feats, logits = extract_features(self.net, unit, batch_size=self.batch_size, with_logits=True)
+        fake = torch.from_numpy(feats).to(torch.float64)
+        out: dict[str, float | str | int] = {"fd": self._fd(fake)}
+        if self.real_features is not None:
+            out["kid_mean"], out["kid_std"] = self._kid(fake)
+        out["is_mean"], out["is_std"] = self._is(torch.from_numpy(logits).to(torch.float64))
+        out.update(label=self.net.metric_label, feature_net=self.net.name, num_fake=n,
+                   num_real=int(self.real_stats.n))
+        return out
+
+    def _fd(self, fake: torch.Tensor) -> float:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        metric = FrechetInceptionDistance(feature=_Passthrough(fake.shape[1]))
+        # the real side as sums: exactly what torchmetrics would accumulate from the real features
+        metric.real_features_sum = torch.from_numpy(self.real_stats.sum.copy())
+        metric.real_features_cov_sum = torch.from_numpy(self.real_stats.outer.copy())
+        metric.real_features_num_samples = torch.tensor(int(self.real_stats.n))
+        metric.update(fake, real=False)
+        return float(metric.compute())
+
+    def _kid(self, fake: torch.Tensor) -> tuple[float, float]:
+        from torchmetrics.image.kid import KernelInceptionDistance
+
+        size = min(self.kid_subset_size, len(self.real_features), len(fake))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+            metric = KernelInceptionDistance(feature=_Passthrough(fake.shape[1]), subsets=self.kid_subsets,
+                                             subset_size=size)
+        metric.update(torch.from_numpy(self.real_features), real=True)
+        metric.update(fake, real=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.seed, "kid"))
+            mean, std = metric.compute()
+        return float(mean), float(std)
+
+    def _is(self, logits: torch.Tensor) -> tuple[float, float]:
+        from torchmetrics.image.inception import InceptionScore
+
+        splits = min(self.is_splits, len(logits))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+            # normalize=False: InceptionScore would otherwise cast inputs to bytes even for a custom module
+            metric = InceptionScore(feature=_Passthrough(logits.shape[1]), splits=splits, normalize=False)
+        metric.update(logits)
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*degrees of freedom.*")  # std of one split
+            torch.manual_seed(derive_seed(self.seed, "is"))
+            mean, std = metric.compute()
+        return float(mean), float(std) if splits > 1 else 0.0
