@@ -14,6 +14,20 @@ from feddiff.data.sources import write_idx
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Feature networks and reference statistics go to a per-session folder, never ~/.cache."""
+    import os
+
+    old = os.environ.get("FEDDIFF_CACHE")
+    os.environ["FEDDIFF_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("FEDDIFF_CACHE", None)
+    else:
+        os.environ["FEDDIFF_CACHE"] = old
+
+
 def synthetic_images(n: int, seed: int, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
     """Class c is a bright bar at a class-dependent row on a dark background, plus noise."""
     rng = np.random.default_rng(seed)

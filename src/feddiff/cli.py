@@ -16,6 +16,8 @@ Federated training of diffusion models (DDPM) on data split across clients.
   feddiff config [CONFIG]                        every config key with its default and meaning
   feddiff model-info cifar10-ddpm                parameters, MACs and encoder/latent/decoder shares
   feddiff sweep configs/degoede_fmnist.toml      a grid of runs (resumable), with a summary table
+  feddiff eval runs/quickstart-... --num-samples 1000   FD-domain / KID / IS of the final model
+  feddiff features train --dataset fashion-mnist        the offline feature network for FD-domain
 """
 
 
@@ -44,6 +46,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None, help="default: the run's eval.sampler")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's eval.num_inference_steps)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+
+    p = sub.add_parser("eval", help="FD / KID / IS (and held-out loss) of a run's checkpoint",
+                       description="Evaluate the model of a checkpoint (default: the newest) with the run's eval "
+                                   "settings, overridden by the options; personal models (UDEC/ULATDEC) one by one. "
+                                   "Results are appended to RUN_DIR/evals.jsonl.")
+    p.add_argument("run_dir", help="a run folder")
+    p.add_argument("--round", type=int, default=None, help="the checkpoint of this round (default: the newest)")
+    p.add_argument("--num-samples", type=int, required=True, help="generated images per model for FD/KID/IS")
+    p.add_argument("--feature-net", choices=["domain", "inception"], default=None,
+                   help="domain: FD-domain (offline default); inception: FID (needs the local weights file)")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None)
+    p.add_argument("--steps", type=int, default=None, help="sampler steps")
+    p.add_argument("--reference-split", choices=["train", "test"], default=None)
+    p.add_argument("--federated-reference", action="store_true",
+                   help="reference statistics as sums computed by each client on its own images")
+    p.add_argument("--grid", type=int, default=0, help="also save a grid of this many samples (default 0)")
+    _add_set(p)
+
+    p = sub.add_parser("features", help="train the offline domain feature network for FD-domain",
+                       description="Train (once; then cached) the small classifier whose penultimate features give "
+                                   "FD-domain / KID-domain, and print its test accuracy.")
+    p.add_argument("action", choices=["train"], help="train")
+    p.add_argument("--dataset", required=True, help="fashion-mnist | cifar10 | celeba | image-folder")
+    p.add_argument("--root", default="", help="dataset folder (default: the dataset's default location)")
+    p.add_argument("--seed", type=int, default=None, help="seed (default 0, the one runs use)")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
+    p.add_argument("--cache-dir", default=None, help="default: $FEDDIFF_CACHE or ~/.cache/feddiff")
+    p.add_argument("--retrain", action="store_true", help="train again even when cached")
 
     p = sub.add_parser("partition", help="print the per-client partition (sizes, label counts) without training",
                        description="Load the train split, partition it as configured and print one row per client.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -18,7 +19,8 @@ USER_ERRORS = (ConfigError, DatasetError, PartitionError, RunError)
 
 
 def _console() -> Console:
-    return Console(highlight=False, soft_wrap=True)  # text lines are not cut at 80 columns in logs
+    # logs and pipes get 160 columns (rich's 80 would fold tables); terminals their own width
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -173,5 +175,48 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from feddiff.engines.simulator import evaluate_checkpoint
+
+    overrides = [f"eval.fid_num_samples={args.num_samples}", f"eval.grid_size={args.grid}"]
+    for key, value in (("feature_net", args.feature_net), ("sampler", args.sampler),
+                       ("num_inference_steps", args.steps), ("reference_split", args.reference_split)):
+        if value is not None:
+            overrides.append(f"eval.{key}={json.dumps(value)}")
+    if args.federated_reference:
+        overrides.append("eval.federated_reference=true")
+    record = evaluate_checkpoint(args.run_dir, args.round, overrides + args.overrides)
+    ev = record["eval"]
+    console = _console()
+    rows = ev.get("models", {"global": ev})
+    table = Table(title=f"{args.run_dir}: round {record['round']} ({ev.get('label', 'FD')}, "
+                        f"{ev.get('protocol', {}).get('num_generated', 0)} samples)")
+    for col in ("model", "heldout loss", ev.get("label", "FD"), "KID", "IS"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    fmt = lambda r, k, spec: format(r[k], spec) if k in r else "-"  # noqa: E731
+    for name, r in rows.items():
+        table.add_row(name, fmt(r, "heldout_loss", ".4f"), fmt(r, "fd", ".3f"), fmt(r, "kid_mean", ".4f"), fmt(r, "is_mean", ".3f"))
+    console.print(table)
+    if "protocol" in ev:
+        console.print("protocol: " + json.dumps(ev["protocol"]))
+    console.print(f"appended to {Path(args.run_dir) / 'evals.jsonl'}")
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from feddiff.evaluate import DOMAIN_NET_SEED, cache_dir
+    from feddiff.config import EvalConfig
+    from feddiff.metrics.features import train_domain_classifier
+
+    cdir = args.cache_dir or str(cache_dir(EvalConfig()))
+    console = _console()
+    res = train_domain_classifier(args.dataset, args.root, cdir, seed=args.seed if args.seed is not None else DOMAIN_NET_SEED,
+                                  epochs=args.epochs, retrain=args.retrain, log=console.print)
+    verb = "cached" if res.cached else f"trained in {res.seconds:.0f} s"
+    console.print(f"domain feature network for {args.dataset}: test accuracy {100 * res.test_accuracy:.2f}% ({verb})")
+    console.print(f"weights: {res.path}")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "sample": cmd_sample, "partition": cmd_partition, "config": cmd_config,
-            "model-info": cmd_model_info, "sweep": cmd_sweep}
+            "model-info": cmd_model_info, "sweep": cmd_sweep, "eval": cmd_eval, "features": cmd_features}

@@ -94,6 +94,13 @@ class TrainConfig(Section):
     warmup_steps: int = F(0, "linear lr warm-up over each client's first optimizer steps (counted across rounds)", ge=0)
     grad_clip: float = F(1.0, "clip the gradient norm to this; 0 = off", ge=0)
     keep_optimizer_state: bool = F(False, "keep each client's Adam state between rounds (default: fresh each round)")
+    lr_schedule: Literal["constant", "cosine"] = F(
+        "constant", "lr across rounds: constant, or cosine decay from lr to lr * min_lr_ratio at the last round"
+    )
+    min_lr_ratio: float = F(0.1, "cosine schedule: final lr as a fraction of lr", ge=0, le=1)
+    precision: Literal["fp32", "bf16"] = F(
+        "fp32", "bf16 = autocast matmuls/convs to bfloat16 (fast on GPUs and CPUs with AVX512-BF16/AMX)"
+    )
 
 
 class _AlgorithmBase(Section):
@@ -184,6 +191,10 @@ class EvalConfig(Section):
     )
     reference_split: Literal["train", "test"] = F("test", "real images the generated ones are compared with")
     reference_num_samples: int = F(0, "real images for the reference statistics; 0 = the whole split", ge=0)
+    federated_reference: bool = F(
+        False, "reference statistics summed from each client's own train images (only feature sums leave "
+        "a client; FD only, no KID) instead of the reference split"
+    )
     inception_weights: str = F(
         "", "path to pt_inception-2015-12-05-6726825d.pth; empty = $FEDDIFF_INCEPTION_WEIGHTS"
     )

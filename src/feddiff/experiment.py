@@ -90,7 +90,7 @@ def train_spec(cfg: Config) -> LocalTrainSpec:
     return LocalTrainSpec(
         lr=t.lr, batch_size=t.batch_size, local_epochs=t.local_epochs, local_steps=t.local_steps,
         warmup_steps=t.warmup_steps, grad_clip=t.grad_clip, adam_betas=tuple(t.adam_betas),
-        loss=cfg.diffusion.loss, random_flip=cfg.data.random_flip,
+        loss=cfg.diffusion.loss, random_flip=cfg.data.random_flip, precision=t.precision,
     )
 
 
@@ -136,5 +136,7 @@ def build_experiment(cfg: Config) -> Experiment:
     d = cfg.diffusion
     scheduler = make_scheduler(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end)
     strategy = make_strategy(cfg.algorithm, len(parts), cfg.run.seed)
-    runtime = ClientRuntime(model, scheduler, train_spec(cfg), cfg.run.seed, cfg.train.keep_optimizer_state)
+    t = cfg.train
+    runtime = ClientRuntime(model, scheduler, train_spec(cfg), cfg.run.seed, t.keep_optimizer_state,
+                            cfg.run.num_rounds, t.lr_schedule, t.min_lr_ratio)
     return Experiment(cfg, device, train, test, parts, client_images, model, scheduler, strategy, runtime)

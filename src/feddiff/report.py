@@ -42,7 +42,8 @@ def summarize_run(path: str | Path, name: str | None = None) -> dict[str, Any]:
         "seed": cfg["run"]["seed"],
         "rounds": last.get("round", 0),
         "train_loss": last.get("loss"),
-        "bytes_total": last.get("bytes_total_cumulative", 0),
+        # training traffic: every link but the one-off evaluation statistics
+        "bytes_total": sum(sum(d.values()) for link, d in last.get("bytes_cumulative", {}).items() if link != "eval"),
         "bytes": last.get("bytes_cumulative", {}),
         "wall_s": last.get("elapsed_s"),
     }
@@ -52,8 +53,8 @@ def summarize_run(path: str | Path, name: str | None = None) -> dict[str, Any]:
         if f"{key}_mean" in ev:  # personal models: mean and spread over clients
             row[key] = ev[f"{key}_mean"]
             row[f"{key}_std"] = ev[f"{key}_std"]
-    if "label" in ev or "fd_label" in ev:
-        row["fd_label"] = ev.get("fd_label", ev.get("label"))
+    if "label" in ev:
+        row["fd_label"] = ev["label"]
     return row
 
 

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import math
+
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
@@ -20,6 +22,16 @@ from feddiff.seeding import torch_generator
 
 StateDict = dict[str, torch.Tensor]
 KNOWN_TASK_KEYS = {"round", "upload", "personal", "prox_mu"}
+
+
+def lr_factor(rnd: int, num_rounds: int, schedule: str, min_ratio: float) -> float:
+    """The lr multiplier of round ``rnd`` (0-based) of ``num_rounds``: 1, or cosine to ``min_ratio``."""
+    if schedule == "constant" or num_rounds <= 1:
+        return 1.0
+    if schedule == "cosine":
+        progress = rnd / (num_rounds - 1)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr schedule {schedule!r}; choose from ['constant', 'cosine']")
 
 
 @dataclass
@@ -60,13 +72,15 @@ class ClientRuntime:
 
     def __init__(
         self, model: UNet2DModel, scheduler: DDPMScheduler, spec: LocalTrainSpec, seed: int,
-        keep_optimizer_state: bool = False,
+        keep_optimizer_state: bool = False, num_rounds: int = 1, lr_schedule: str = "constant",
+        min_lr_ratio: float = 0.1,
     ):
         self.model = model
         self.scheduler = scheduler
         self.spec = spec
         self.seed = seed
         self.keep_optimizer_state = keep_optimizer_state
+        self.num_rounds, self.lr_schedule, self.min_lr_ratio = num_rounds, lr_schedule, min_lr_ratio
         self.device = next(model.parameters()).device
 
     def handle(
@@ -89,7 +103,8 @@ class ClientRuntime:
             self.model.load_state_dict(received, strict=True)
 
         # 2. Train
-        spec = replace(self.spec, prox_mu=float(config.get("prox_mu", 0.0)))
+        lr = self.spec.lr * lr_factor(rnd, self.num_rounds, self.lr_schedule, self.min_lr_ratio)
+        spec = replace(self.spec, lr=lr, prox_mu=float(config.get("prox_mu", 0.0)))
         gen = torch_generator(self.device, self.seed, "train", rnd, client)
         opt_state = (state.optimizer or {}) if self.keep_optimizer_state else None
         result = train_local(

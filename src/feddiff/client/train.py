@@ -34,6 +34,7 @@ class LocalTrainSpec:
     loss: str = "mse"
     random_flip: bool = False
     prox_mu: float = 0.0  # FedProx: + (mu/2) * ||w - w_global||^2
+    precision: str = "fp32"  # "bf16": autocast the forward pass to bfloat16
 
     def num_steps(self, num_samples: int) -> int:
         if self.local_steps > 0:
@@ -134,7 +135,8 @@ def train_local(
             x0 = random_flip(x0, generator)
 
         # Loss and gradient
-        loss = denoising_loss(model, x0, scheduler, generator, spec.loss)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16"):
+            loss = denoising_loss(model, x0, scheduler, generator, spec.loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         loss_sum += loss.detach()

@@ -8,6 +8,7 @@ last checkpoint ends with the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from pathlib import Path
@@ -22,8 +23,11 @@ from feddiff.algorithms.base import Reply
 from feddiff.client.runtime import ClientState
 from feddiff.compress.wire import Message
 from feddiff.config import Config, load_resolved
-from feddiff.evaluate import Evaluator
-from feddiff.experiment import Experiment, build_experiment, link_spec, partition_record
+from feddiff.compress import wire
+from feddiff.evaluate import Evaluator, build_quality, load_feature_network
+from feddiff.experiment import Experiment, build_experiment, link_spec, load_split, partition_record
+from feddiff.metrics.fid import FeatureStats
+from feddiff.metrics.quality import extract_features
 from feddiff.engines.progress import RoundProgress
 from feddiff.engines.transport import LocalTransport
 from feddiff.metrics.cost import architecture_signature, model_cost
@@ -57,24 +61,61 @@ class Simulator:
             self.cfg.eval, exp.scheduler, exp.test.images if exp.test is not None else None,
             self.cfg.run.seed, exp.device, self.cfg.diffusion.loss,
         )
+        self._quality_ready = False
         self.start_round = 0
         self.elapsed_s = 0.0
         self.arch = ""  # signature of the last architecture whose cost was recorded
 
     # -- start or resume ---------------------------------------------------------------------
+    def prepare_quality(self, count_bytes: bool) -> None:
+        """Feature network and reference statistics for FD / KID / IS (when eval.fid_num_samples > 0).
+
+        With ``eval.federated_reference`` every client computes the feature sums of its own train
+        images and sends only those (counted on the ``eval`` link), never an image.
+        """
+        cfg, exp = self.cfg, self.exp
+        if cfg.eval.fid_num_samples == 0 or self._quality_ready:
+            return
+        net = load_feature_network(cfg, exp.device, log=lambda m: print(m, flush=True))
+        if cfg.eval.federated_reference:
+            total = None
+            for k, images in enumerate(exp.client_images):
+                stats = FeatureStats.from_features(extract_features(net, images))  # on the client
+                blob = wire.encode(Message({"n": torch.tensor(stats.n, dtype=torch.float64),
+                                            "sum": torch.from_numpy(stats.sum), "outer": torch.from_numpy(stats.outer)}))
+                if count_bytes:
+                    self.ledger.record("eval", "up", f"client{k}", len(blob))
+                got = wire.decode(blob).tensors  # on the server: sums only
+                part = FeatureStats(float(got["n"]), got["sum"].numpy(), got["outer"].numpy())
+                total = part if total is None else total + part
+            quality = build_quality(cfg, net, None, total)
+        else:
+            ref = load_split(cfg, cfg.eval.reference_split)
+            quality = build_quality(cfg, net, ref.images)
+        self.evaluator.quality = quality
+        self._quality_ready = True
+
     def initialize(self) -> None:
         """A fresh run: the initial global model, the partition and the manifest on disk."""
+        self.prepare_quality(count_bytes=True)
         self.exp.strategy.initialize(self.exp.model.state_dict())
         rd = self.run_dir
         rd.write_json("config.json", self.cfg.model_dump(mode="json"))
         rd.write_json("partition.json", partition_record(self.cfg, self.exp.train, self.exp.parts))
         rd.write_json("manifest.json", self._manifest())
 
-    def resume(self) -> None:
-        """Restore the state after the last checkpoint; metrics of later rounds are redone."""
-        found = self.run_dir.latest_checkpoint()
-        if found is None:
-            raise RunError(f"{self.run_dir.path} has no checkpoint to resume from")
+    def restore(self, rnd: int | None = None) -> int:
+        """Load the checkpoint after round ``rnd`` (default: the newest readable one); returns its round."""
+        if rnd is None:
+            found = self.run_dir.latest_checkpoint()
+            if found is None:
+                raise RunError(f"{self.run_dir.path} has no checkpoint to resume from")
+        else:
+            paths = dict(self.run_dir.checkpoints())
+            if rnd not in paths:
+                raise RunError(f"{self.run_dir.path} has no checkpoint of round {rnd}; "
+                               f"kept rounds: {sorted(paths) or 'none'} (run.keep_checkpoints)")
+            found = self.run_dir.load_checkpoint(paths[rnd])
         rnd, tensors, state = found
         strat = {k.removeprefix("strategy/"): v for k, v in tensors.items() if k.startswith("strategy/")}
         self.exp.strategy.load_state_dict(strat, state["strategy"])
@@ -85,8 +126,13 @@ class Simulator:
                                         if k.startswith("transport/")})
         self.elapsed_s = float(state.get("elapsed_s", 0.0))
         self.arch = state.get("arch", "")
-        self.start_round = rnd
-        self.run_dir.truncate_metrics(rnd)
+        return rnd
+
+    def resume(self) -> None:
+        """Restore the state after the last checkpoint; metrics of later rounds are redone."""
+        self.start_round = self.restore()
+        self.run_dir.truncate_metrics(self.start_round)
+        self.prepare_quality(count_bytes=False)  # its bytes were counted when the run started
 
     def checkpoint(self, rounds_done: int) -> None:
         tensors, strat_meta = self.exp.strategy.state_dict()
@@ -185,18 +231,20 @@ class Simulator:
         return {f"client{k}": strategy.personal_model(st.personal)
                 for k, st in enumerate(self.clients) if st.personal is not None}
 
-    def _evaluate(self, rounds_done: int, last: bool) -> dict[str, Any]:
+    def _evaluate(self, rounds_done: int, last: bool, prefix: str = "round") -> dict[str, Any]:
         model, samples = self.exp.model, self.run_dir.path / "samples"
         results: dict[str, dict[str, Any]] = {}
         for name, state in self.eval_models().items():
             model.load_state_dict(state)
-            tag = f"round-{rounds_done:04d}" + ("" if name == "global" else f"-{name}")
+            tag = f"{prefix}-{rounds_done:04d}" + ("" if name == "global" else f"-{name}")
             results[name] = self.evaluator(model, samples, tag)
             if last:
                 results[name].update(self._finalize(name, results[name]))
         if list(results) == ["global"]:
             return results["global"]
-        return {"models": results, **summarize(results)}
+        first = next(iter(results.values()))
+        shared = {k: first[k] for k in ("label", "protocol") if k in first}
+        return {"models": results, **shared, **summarize(results)}
 
     def _finalize(self, name: str, result: dict[str, Any]) -> dict[str, str]:
         """After the last round: samples/final*.png and the exported pipeline."""
@@ -253,9 +301,37 @@ class Simulator:
                 line += f"  heldout {ev['heldout_loss']:.4f}"
             if "heldout_loss_mean" in ev:
                 line += f"  heldout {ev['heldout_loss_mean']:.4f} (mean of {len(ev['models'])} personal models)"
+            if "fd" in ev:
+                line += f"  {ev['label']} {ev['fd']:.2f}"
+            if "fd_mean" in ev:
+                line += f"  {ev['label']} {ev['fd_mean']:.2f} ± {ev['fd_std']:.2f}"
             if "grid" in ev:
                 line += f"  grid {ev['grid']}"
         return line
+
+
+def evaluate_checkpoint(path: str | Path, rnd: int | None, overrides: list[str]) -> dict[str, Any]:
+    """Evaluate a run's checkpoint with eval.* overrides; appends the result to ``evals.jsonl``."""
+    from feddiff.config import ConfigError, config_from_dict, parse_override, _set_path
+
+    run_dir = RunDir.open(path)
+    raw = load_resolved(run_dir.config_path).model_dump(mode="json")
+    for text in overrides:
+        key, value = parse_override(text)
+        if key[0] != "eval":
+            raise ConfigError(f"feddiff eval changes eval.* settings only, not {'.'.join(key)}")
+        _set_path(raw, key, value)
+    cfg = config_from_dict(raw, f"{run_dir.config_path} with {' '.join(overrides)}")
+    sim = Simulator(build_experiment(cfg), run_dir)
+    t = time.perf_counter()
+    done = sim.restore(rnd)
+    sim.prepare_quality(count_bytes=False)
+    result = sim._evaluate(done, last=False, prefix="eval")
+    record = {"round": done, "eval": result, "eval_s": time.perf_counter() - t,
+              "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "overrides": list(overrides)}
+    with open(run_dir.path / "evals.jsonl", "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    return record
 
 
 def summarize(results: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -274,6 +350,8 @@ def run(cfg: Config, out_dir: str | None = None, run_path: str | Path | None = N
     """Train a new run from ``cfg``; returns its folder (``run_path``: exactly there, else a new
     uniquely named folder under ``out_dir``)."""
     exp = build_experiment(cfg)  # fails on bad data before any folder is made
+    if cfg.eval.fid_num_samples:  # ... and on a missing feature network (the domain one is trained here)
+        load_feature_network(cfg, exp.device, log=lambda m: print(m, flush=True))
     if run_path is not None:
         run_dir = RunDir.create_at(run_path)
     else:
