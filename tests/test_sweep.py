@@ -68,4 +68,19 @@ def test_sweep_needs_a_grid(tmp_path, fmnist_dir, capsys):
     p = tmp_path / "s.toml"
     p.write_text(CFG.format(root=fmnist_dir).split("[sweep.grid]")[0])
     assert main(["sweep", str(p)]) == 2
-    assert "has no [sweep.grid]" in capsys.readouterr().err
+    assert "has no [sweep.grid] or [sweep.variants]" in capsys.readouterr().err
+
+
+def test_variants_bundle_overrides(tmp_path):
+    p = tmp_path / "v.toml"
+    p.write_text(CFG.format(root=tmp_path).split("[sweep.grid]")[0] + """
+[sweep.grid]
+"partition.method" = ["iid"]
+[sweep.variants]
+vanilla = []
+int8 = ["compress.uplink.codec=\\"int8\\"", "compress.uplink.mode=\\"delta\\""]
+""")
+    points = expand(load_config(p))
+    assert [pt.name for pt in points] == ["method=iid_vanilla", "method=iid_int8"]
+    assert points[1].overrides == ['partition.method="iid"', 'compress.uplink.codec="int8"', 'compress.uplink.mode="delta"']
+    assert load_config(p, points[1].overrides).compress.uplink.codec == "int8"

@@ -161,8 +161,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             raise ConfigError("feddiff sweep needs a CONFIG with a [sweep] grid (or --resume / --summary SWEEP_DIR)")
         cfg = load_config(args.config, args.overrides)
         points = expand(cfg)
-        if not cfg.sweep.grid:
-            raise ConfigError(f"{args.config} has no [sweep.grid]; add e.g. \"algorithm.name\" = [\"fedavg\", \"udec\"]")
+        if not cfg.sweep.grid and not cfg.sweep.variants:
+            raise ConfigError(f"{args.config} has no [sweep.grid] or [sweep.variants]; add e.g. "
+                              "\"algorithm.name\" = [\"fedavg\", \"udec\"] under [sweep.grid]")
         if args.dry_run:
             for p in points:
                 console.print(f"{p.name}: {' '.join(p.overrides)}")

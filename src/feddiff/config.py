@@ -205,6 +205,9 @@ class SweepConfig(Section):
     """A grid of runs for ``feddiff sweep`` (``feddiff run`` trains the base point only)."""
 
     grid: dict[str, list[Any]] = F({}, "dotted key -> values; the sweep runs every combination, in file order")
+    variants: dict[str, list[str]] = F(
+        {}, "name -> overrides (\"section.key=value\") applied together; every grid point runs each variant"
+    )
     repeats: int = F(1, "runs per grid point, seeds run.seed, run.seed + 1, ...", ge=1)
 
 

@@ -31,14 +31,15 @@ def _short(key: str, value: Any) -> str:
 
 
 def expand(cfg: Config) -> list[Point]:
-    """The grid's points in file order (the last key varies fastest), times ``repeats`` seeds."""
+    """The grid's points in file order (the last key varies fastest), each variant, ``repeats`` seeds."""
     grid = cfg.sweep.grid
     keys = list(grid)
+    variants = list(cfg.sweep.variants.items()) or [("", [])]
     points = []
-    for values in itertools.product(*(grid[k] for k in keys)):
+    for values, (variant, extra) in itertools.product(itertools.product(*(grid[k] for k in keys)), variants):
         for rep in range(cfg.sweep.repeats):
-            overrides = [f"{k}={json.dumps(v)}" for k, v in zip(keys, values)]
-            name = "_".join(_short(k, v) for k, v in zip(keys, values)) or "base"
+            overrides = [f"{k}={json.dumps(v)}" for k, v in zip(keys, values)] + list(extra)
+            name = "_".join([*(_short(k, v) for k, v in zip(keys, values)), *([variant] if variant else [])]) or "base"
             if cfg.sweep.repeats > 1:
                 overrides.append(f"run.seed={cfg.run.seed + rep}")
                 name += f"_seed={cfg.run.seed + rep}"
