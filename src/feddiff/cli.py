@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None, help="default: the run's eval.sampler")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's eval.num_inference_steps)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--client", type=int, default=None, help="UDEC/ULATDEC runs: sample client K's personal model")
 
     p = sub.add_parser("eval", help="FD / KID / IS (and held-out loss) of a run's checkpoint",
                        description="Evaluate the model of a checkpoint (default: the newest) with the run's eval "

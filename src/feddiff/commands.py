@@ -52,9 +52,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     run_dir = RunDir.open(args.run_dir)
     cfg = load_resolved(run_dir.config_path)
     device = pick_device(cfg.run.device)
-    if (run_dir.model_path / "unet").is_dir():
+    personal = sorted(p.name for p in (run_dir.path / "models").glob("client*")) if (run_dir.path / "models").is_dir() else []
+    if args.client is not None:
+        folder = run_dir.path / "models" / f"client{args.client}"
+        if not (folder / "unet").is_dir():
+            raise RunError(f"{run_dir.path} has no personal model of client {args.client}; it has {personal or 'none'}")
+        model = UNet2DModel.from_pretrained(folder / "unet")
+        source = str(folder)
+    elif (run_dir.model_path / "unet").is_dir():
         model = UNet2DModel.from_pretrained(run_dir.model_path / "unet")
         source = str(run_dir.model_path)
+    elif personal:
+        raise RunError(f"{run_dir.path} holds personal models ({', '.join(personal)}); choose one with --client K")
     else:
         found = run_dir.latest_checkpoint()
         if found is None:

@@ -154,8 +154,11 @@ class RunDir:
         blob = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                        metadata={"round": str(rnd), "state": json.dumps(state), "order": json.dumps(list(tensors))})
         atomic_write_bytes(path, blob)
+        # the round state again, for people and tools; the copy inside the .safetensors is what resumes
+        atomic_write_json(path.with_suffix(".json"), {"round": rnd, **state})
         for _, old in self.checkpoints()[:-keep]:
             old.unlink(missing_ok=True)
+            old.with_suffix(".json").unlink(missing_ok=True)
         return path
 
     def load_checkpoint(self, path: Path) -> tuple[int, StateDict, dict[str, Any]]:

@@ -30,6 +30,13 @@ def test_udec_evaluates_and_exports_each_client(make_config):
     assert pipe.unet.config.sample_size == 16
     assert not (rd.path / "model").exists()  # the "global" model of UDEC has untrained encoders
 
+    from feddiff.cli import main
+
+    out = rd.path / "c1.png"
+    assert main(["sample", str(rd.path), "--num", "2", "--steps", "1", "--client", "1", "--out", str(out)]) == 0
+    assert out.is_file()
+    assert main(["sample", str(rd.path), "--num", "2", "--out", str(out)]) == 2  # which client? must be said
+
 
 def test_personal_models_share_only_the_decoder(make_config):
     rd = run(make_config(algorithm={"name": "udec"}, run={"num_rounds": 2}))

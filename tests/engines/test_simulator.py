@@ -32,6 +32,8 @@ def test_run_folder_contents(make_config):
         c["bytes_up"] for r in metrics for c in r["clients"])
     assert set(m["time_s"]) == {"train", "aggregate", "eval", "round"}
     assert "heldout_loss" in m["eval"] and "heldout_loss" in metrics[1]["eval"]
+    side = json.loads((rd.path / "checkpoints" / "round-00002.json").read_text())
+    assert side["round"] == 2 and side["clients"]["0"]["steps_done"] == 4 and "ledger" in side
     part = json.loads((rd.path / "partition.json").read_text())
     assert sum(part["sizes"]) == 400 and len(part["label_histograms"]) == 2
     assert json.loads((rd.path / "config.json").read_text())["run"]["seed"] == 3

@@ -35,6 +35,11 @@ class RoundProgress:
         if self._bar:
             self._bar.update(self._steps, description=f"  client {client} ({index + 1}/{count}), local steps")
 
+    def client_done(self, client: int, loss: float) -> None:
+        if self._bar:
+            self._bar.update(self._rounds, description=f"{self._bar.tasks[self._rounds].description.split('  ')[0]}"
+                                                       f"  last loss {loss:.4f} (client {client})")
+
     def step(self) -> None:
         if self._bar:
             self._bar.advance(self._steps)

@@ -167,6 +167,7 @@ class Simulator:
                 for i, task in enumerate(tasks):
                     progress.start_client(task.client, i, len(tasks))
                     replies.append(self._client_round(task, rnd, progress.step))
+                    progress.client_done(task.client, replies[-1].metrics["loss"])
                 t_train = time.perf_counter() - t_train
 
                 # Aggregate
