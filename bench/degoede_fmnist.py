@@ -72,10 +72,7 @@ def main() -> None:
     ap.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted bench")
     args = ap.parse_args()
     t = time.perf_counter()
-    if args.resume:
-        folder = run_sweep("", [], resume_dir=args.resume)
-    else:
-        folder = run_sweep(str(CONFIG), scale(args.quick), args.out)
+    folder = run_sweep(str(CONFIG), scale(args.quick), args.out, resume_dir=args.resume)
     rows = compare([summarize_run(path, name) for name, _, path in sweep_runs(folder)])
     pred = predicted_savings(15)
     results: dict[str, dict[str, dict]] = {}

@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted bench")
     args = ap.parse_args()
     t = time.perf_counter()
-    folder = run_sweep("", [], resume_dir=args.resume) if args.resume else run_sweep(str(CONFIG), overrides(args.quick), args.out)
+    folder = run_sweep(str(CONFIG), overrides(args.quick), args.out, resume_dir=args.resume)
     rows = {name.rsplit("_", 1)[-1] if "_" in name else name: summarize_run(path, name)
             for name, _, path in sweep_runs(folder)}
     base = rows["vanilla"]

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from feddiff.config import ConfigError, describe, load_config, load_resolved
@@ -34,6 +35,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.config:
         raise ConfigError("feddiff run needs a CONFIG file (or --resume RUN_DIR)")
     cfg = load_config(args.config, args.overrides)
+    if cfg.sweep.grid or cfg.sweep.variants:
+        from feddiff.sweep import expand
+
+        _console().print(f"note: {args.config} defines a sweep of {len(expand(cfg))} runs; `feddiff run` trains "
+                         f"its base point only (`feddiff sweep {args.config}` runs the grid)")
     run(cfg, args.out)
     return 0
 
@@ -122,7 +128,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     for col in ("key", "default", "meaning"):
         table.add_column(col)
     for key, default, doc in describe():
-        table.add_row(key, default, doc)
+        table.add_row(key, escape(default), escape(doc))  # "[fedprox] ..." is text, not rich markup
     console.print(table)
     return 0
 

@@ -66,7 +66,8 @@ def _status(path: Path, num_rounds: int) -> str:
 
 def run_sweep(config_path: str, overrides: list[str] = (), out_dir: str | None = None,
               resume_dir: str | None = None) -> Path:
-    """Run (or continue) a sweep; returns the sweep folder."""
+    """Run a sweep, or continue the one in ``resume_dir`` (then ``config_path`` and ``overrides`` are
+    read from its sweep.json); returns the sweep folder."""
     from feddiff.engines.simulator import resume as resume_run
     from feddiff.engines.simulator import run as run_one
 

@@ -21,17 +21,17 @@ from diffusers import DDPMPipeline
 import feddiff
 from feddiff.algorithms.base import Reply
 from feddiff.client.runtime import ClientState
+from feddiff.compress import wire
 from feddiff.compress.wire import Message
 from feddiff.config import Config, load_resolved
-from feddiff.compress import wire
-from feddiff.evaluate import Evaluator, build_quality, load_feature_network
-from feddiff.experiment import Experiment, build_experiment, link_spec, load_split, partition_record
-from feddiff.metrics.fid import FeatureStats
-from feddiff.metrics.quality import extract_features
 from feddiff.engines.progress import RoundProgress
 from feddiff.engines.transport import LocalTransport
+from feddiff.evaluate import Evaluator, build_quality, load_feature_network
+from feddiff.experiment import Experiment, build_experiment, link_spec, load_split, partition_record
 from feddiff.metrics.cost import architecture_signature, model_cost
+from feddiff.metrics.fid import FeatureStats
 from feddiff.metrics.ledger import Ledger
+from feddiff.metrics.quality import extract_features
 from feddiff.model.presets import count_parameters
 from feddiff.runs import RunDir, RunError
 
