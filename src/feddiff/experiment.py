@@ -35,7 +35,9 @@ def pick_device(name: str) -> torch.device:
 
 def load_split(cfg: Config, split: str) -> ImageData:
     """Read a split and bring it to the configured size (once, at load time)."""
-    raw = load_dataset(cfg.data.dataset, cfg.data.root, split)
+    # readers of image files resize as they read ("pad" keeps the native size for fit_to_size)
+    hint = None if cfg.data.resize == "pad" else cfg.data.image_size
+    raw = load_dataset(cfg.data.dataset, cfg.data.root, split, hint)
     images = fit_to_size(raw.images, cfg.data.image_size, cfg.data.resize)
     return ImageData(raw.name, split, images, raw.labels, raw.class_names)
 

@@ -134,3 +134,26 @@ def test_make_grid_layout():
     g = make_grid(imgs, nrow=2, pad=1)
     assert g.shape == (1, 7, 7)
     assert g[0, 1, 1] == 1 and g[0, 1, 4] == 2 and g[0, 4, 1] == 3 and g[0, 4, 4] == 4 and g[0, 0, 0] == 0
+
+
+def test_celeba_official_layout_labels_crop_and_resize(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "img_align_celeba").mkdir()
+    names = ["000001.jpg", "000002.jpg", "000003.jpg"]
+    for i, n in enumerate(names):
+        a = np.zeros((218, 178, 3), np.uint8)
+        a[20:198] = 60 * (i + 1)  # the central 178x178 square is uniform
+        Image.fromarray(a).save(tmp_path / "img_align_celeba" / n, quality=100)
+    attrs = "3\n5_o_Clock_Shadow Male Young\n" + "\n".join(
+        f"{n} -1 {m} {y}" for n, m, y in zip(names, ("1", "-1", "1"), ("1", "1", "-1")))
+    (tmp_path / "list_attr_celeba.txt").write_text(attrs + "\n")
+    (tmp_path / "list_eval_partition.txt").write_text("000001.jpg 0\n000002.jpg 0\n000003.jpg 2\n")
+    d = load_dataset("celeba", str(tmp_path), "train", 16)
+    assert d.images.shape == (2, 3, 16, 16)
+    assert d.labels.tolist() == [3, 1]  # 2*Male + Young: male-young, female-young
+    assert abs(int(d.images[1].float().mean()) - 120) <= 2  # the crop kept the uniform centre
+    assert load_dataset("celeba", str(tmp_path), "test", 16).labels.tolist() == [2]
+    (tmp_path / "list_attr_celeba.txt").unlink()
+    with pytest.raises(DatasetError, match="list_attr_celeba.txt"):
+        load_dataset("celeba", str(tmp_path), "train")

@@ -1,8 +1,10 @@
 """Dataset readers for local files in their official formats; nothing is downloaded.
 
-Each reader returns an :class:`ImageData` of uint8 images (N, C, H, W) at the native size and
-int64 labels. A missing or malformed file raises :class:`DatasetError` naming the path and the
-files expected there.
+Each reader returns an :class:`ImageData` of uint8 images (N, C, H, W) and int64 labels.
+Readers of fixed-size formats return the native size; readers of image files (CelebA, image
+folders) take ``size`` and resize each image as they read it, so a large folder never sits in
+memory at full resolution (CelebA's train split at 178x178 would be 15 GB). A missing or
+malformed file raises :class:`DatasetError` naming the path and the files expected there.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def load_fashion_mnist(root: str, split: str) -> ImageData:
+def load_fashion_mnist(root: str, split: str, size: int | None = None) -> ImageData:
     base = Path(root or FASHION_MNIST_DIR)
     prefix = {"train": "train", "test": "t10k"}[split]
     expected = [f"{p}-{k}-idx{n}-ubyte[.gz]" for p in ("train", "t10k") for k, n in (("images", 3), ("labels", 1))]
@@ -167,7 +169,7 @@ def _cifar_binary(folder: Path, files: list[str]) -> tuple[np.ndarray, np.ndarra
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def load_cifar10(root: str, split: str) -> ImageData:
+def load_cifar10(root: str, split: str, size: int | None = None) -> ImageData:
     base = Path(root or "data/cifar10")
     py_files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     for folder in (base, base / "cifar-10-batches-py", base / "cifar-10-batches-bin"):
@@ -190,18 +192,25 @@ def load_cifar10(root: str, split: str) -> ImageData:
 # Image folders: root/<class>/*.png (and root/train, root/test when present); CelebA
 
 
-def _read_image(path: Path, mode: str) -> np.ndarray:
+def _read_image(path: Path, mode: str, crop: int | None = None, size: int | None = None) -> np.ndarray:
+    """(C, H, W) uint8; optionally the central ``crop`` square, then bilinear (antialiased) ``size``."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert(mode))
+            im = im.convert(mode)
+            if crop is not None:
+                left, top = (im.width - crop) // 2, (im.height - crop) // 2
+                im = im.crop((left, top, left + crop, top + crop))
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
+            arr = np.asarray(im)
     except (UnidentifiedImageError, OSError) as err:
         raise DatasetError(f"{path}: cannot read image ({err})") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def load_image_folder(root: str, split: str) -> ImageData:
+def load_image_folder(root: str, split: str, size: int | None = None) -> ImageData:
     if not root:
         raise DatasetError("image-folder: set data.root to a folder of <class>/<image> files")
     base = Path(root)
@@ -218,7 +227,7 @@ def load_image_folder(root: str, split: str) -> ImageData:
 
     with Image.open(files[0][0]) as first:
         mode = "L" if first.mode in ("L", "1", "I;16") else "RGB"
-    arrays = [_read_image(p, mode) for p, _ in files]
+    arrays = [_read_image(p, mode, size=size) for p, _ in files]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise DatasetError(f"image-folder: images in {folder} differ in size {sorted(shapes)[:3]}; resize them first")
@@ -227,11 +236,11 @@ def load_image_folder(root: str, split: str) -> ImageData:
     return ImageData("image-folder", split, x, y, classes)
 
 
-def load_celeba(root: str, split: str) -> ImageData:
+def load_celeba(root: str, split: str, size: int | None = None) -> ImageData:
     """CelebA aligned crops, labelled with FedPhD's 4 pseudo-classes 2*Male + Young.
 
     Expects ``img_align_celeba/``, ``list_attr_celeba.txt`` and ``list_eval_partition.txt`` in root.
-    Images are center-cropped to 178x178 (de Goede, Diff-Pruning); resizing happens in transforms.
+    Images are center-cropped to 178x178 (de Goede, Diff-Pruning), then resized to ``size`` as read.
     """
     base = Path(root or "data/celeba")
     need = [base / "img_align_celeba", base / "list_attr_celeba.txt", base / "list_eval_partition.txt"]
@@ -249,18 +258,14 @@ def load_celeba(root: str, split: str) -> ImageData:
         if cols and part.get(cols[0]) == wanted:
             names.append(cols[0])
             labels.append(2 * (cols[1 + male] == "1") + (cols[1 + young] == "1"))
-    arrays = []
-    for n in names:
-        a = _read_image(need[0] / n, "RGB")
-        h, w = a.shape[1:]
-        top, left = (h - 178) // 2, (w - 178) // 2
-        arrays.append(a[:, top : top + 178, left : left + 178])
-    x = torch.from_numpy(np.stack(arrays))
+    if not names:
+        raise DatasetError(f"celeba: {need[2]} lists no {split} images")
+    x = torch.from_numpy(np.stack([_read_image(need[0] / n, "RGB", crop=178, size=size) for n in names]))
     classes = ["female-old", "female-young", "male-old", "male-young"]
     return ImageData("celeba", split, x, torch.tensor(labels, dtype=torch.int64), classes)
 
 
-Reader = Callable[[str, str], ImageData]
+Reader = Callable[[str, str, int | None], ImageData]
 DATASETS: dict[str, Reader] = {
     "fashion-mnist": load_fashion_mnist,
     "cifar10": load_cifar10,
@@ -269,13 +274,16 @@ DATASETS: dict[str, Reader] = {
 }
 
 
-def load_dataset(name: str, root: str, split: str) -> ImageData:
-    """Read one split (``train`` or ``test``) of a registered dataset."""
+def load_dataset(name: str, root: str, split: str, size: int | None = None) -> ImageData:
+    """Read one split (``train`` or ``test``) of a registered dataset.
+
+    ``size`` lets readers of image files resize while reading (others ignore it).
+    """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r}; choose from ['test', 'train']")
-    return DATASETS[name](root, split)
+    return DATASETS[name](root, split, size)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

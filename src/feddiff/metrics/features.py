@@ -162,6 +162,11 @@ def _settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _read_size(dataset: str) -> int | None:
+    """CelebA's files are large: read them straight at the net's largest input size."""
+    return DOMAIN_MAX_SIZE if dataset == "celeba" else None
+
+
 def _square(images: torch.Tensor, size: int) -> torch.Tensor:
     h, w = images.shape[-2:]
     return images if (h, w) == (size, size) else fit_to_size(images, size, "center-crop" if h != w else "resize")
@@ -215,7 +220,7 @@ def train_domain_classifier(
     if epochs < 1 or batch_size < 1 or not lr > 0:
         raise ValueError(f"train_domain_classifier: epochs and batch_size must be >= 1 and lr > 0, "
                          f"got epochs={epochs}, batch_size={batch_size}, lr={lr}")
-    train = load_dataset(dataset, root, "train")
+    train = load_dataset(dataset, root, "train", _read_size(dataset))
     settings = _domain_settings(dataset, seed, epochs, batch_size, lr, train)
     folder = Path(cache_dir) / FEATURES_SUBDIR
     stem = f"domain-{dataset}-{_settings_hash(settings)}"
@@ -228,7 +233,7 @@ def train_domain_classifier(
     size = settings["image_size"]
     x_train, y_train = _square(train.images, size), train.labels
     try:
-        test = load_dataset(dataset, root, "test")
+        test = load_dataset(dataset, root, "test", _read_size(dataset))
         x_test, y_test, test_split = _square(test.images, size), test.labels, "test"
     except DatasetError:
         if dataset != "image-folder":  # only image folders may lack a test split
@@ -287,7 +292,7 @@ def load_domain_net(dataset: str, root: str, cache_dir: str | os.PathLike, seed:
     Among cached nets that match (several epoch counts, say), the one with the best test accuracy
     is taken. Raises FileNotFoundError naming the command that trains one if none is cached.
     """
-    train = load_dataset(dataset, root, "train")
+    train = load_dataset(dataset, root, "train", _read_size(dataset))
     labels_hash = _labels_sha256(train.labels, tuple(train.images.shape))
     folder = Path(cache_dir) / FEATURES_SUBDIR
     matches = []
