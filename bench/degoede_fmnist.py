@@ -51,14 +51,17 @@ def scale(quick: bool) -> list[str]:
                      "eval.num_inference_steps=50"]
 
 
-def predicted_savings(rounds: int) -> dict[str, float]:
-    """Savings vs FULL that our preset's group shares predict (headers aside)."""
+def predicted_savings(rounds: int, clients: int = 5) -> dict[str, float]:
+    """Savings vs FULL that our preset's group shares predict (headers aside), in expectation."""
     sizes = group_sizes(build_unet(unet_kwargs("small", 1, 28), 0).state_dict())
     total = sum(sizes.values())
-    dec, lat = sizes["decoder"] / total, sizes["latent"] / total
+    enc, dec, lat = sizes["encoder"] / total, sizes["decoder"] / total, sizes["latent"] / total
+    # USPLIT: every pair uploads one model between them; an odd client uploads latent + a random side
+    pairs, odd = divmod(clients, 2)
+    usplit_up = (pairs + odd * (lat + (enc + dec) / 2)) / clients
     per_client = {
         "fedavg": 2 * rounds,
-        "usplit": rounds + rounds * 0.5 * (1 + lat),  # K=5: two pairs and an odd client, on average
+        "usplit": rounds * (1 + usplit_up),
         "udec": 1 + (2 * rounds - 1) * dec,
         "ulatdec": 1 + (2 * rounds - 1) * (dec + lat),
     }

@@ -23,11 +23,13 @@ Federated training of diffusion models (DDPM) on data split across clients.
 
 def _add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable); VALUE is read as TOML, e.g. 1e-3, true, \"iid\", [32, 64]")
+                   help="override a config value (repeatable); VALUE is read as TOML, "
+                        "e.g. 1e-3, true, \"iid\", [32, 64]")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="feddiff", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="feddiff", description=HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("run", help="train a federated diffusion model (or resume one)",
@@ -39,12 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
 
     p = sub.add_parser("sample", help="sample images from a trained run",
-                       description="Generate images from a run's final model (or its latest checkpoint) into one PNG grid.")
+                       description="Generate images from a run's final model (or its latest checkpoint) "
+                                   "into one PNG grid.")
     p.add_argument("run_dir", help="a run folder")
     p.add_argument("--num", type=int, default=64, help="number of images (default 64)")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None, help="default: the run's eval.sampler")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's eval.num_inference_steps)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (default: the run's eval.num_inference_steps)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--client", type=int, default=None, help="UDEC/ULATDEC runs: sample client K's personal model")
 

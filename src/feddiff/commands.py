@@ -58,7 +58,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     run_dir = RunDir.open(args.run_dir)
     cfg = load_resolved(run_dir.config_path)
     device = pick_device(cfg.run.device)
-    personal = sorted(p.name for p in (run_dir.path / "models").glob("client*")) if (run_dir.path / "models").is_dir() else []
+    personal = sorted(p.name for p in (run_dir.path / "models").glob("client*"))  # UDEC/ULATDEC exports
     if args.client is not None:
         folder = run_dir.path / "models" / f"client{args.client}"
         if not (folder / "unet").is_dir():
@@ -185,7 +185,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             console.print(f"{len(points)} runs")
             return 0
         folder = run_sweep(args.config, args.overrides, args.out)
-    rows = compare([summarize_run(path, name) for name, _, path in sweep_runs(folder) if (path / "config.json").exists()])
+    started = [(name, path) for name, _, path in sweep_runs(folder) if (path / "config.json").exists()]
+    rows = compare([summarize_run(path, name) for name, path in started])
     atomic_write_json(folder / "summary.json", rows)
     console.print(table(rows, f"sweep {folder}"))
     return 0
@@ -211,7 +212,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         table.add_column(col, justify="left" if col == "model" else "right")
     fmt = lambda r, k, spec: format(r[k], spec) if k in r else "-"  # noqa: E731
     for name, r in rows.items():
-        table.add_row(name, fmt(r, "heldout_loss", ".4f"), fmt(r, "fd", ".3f"), fmt(r, "kid_mean", ".4f"), fmt(r, "is_mean", ".3f"))
+        table.add_row(name, fmt(r, "heldout_loss", ".4f"), fmt(r, "fd", ".3f"), fmt(r, "kid_mean", ".4f"),
+                      fmt(r, "is_mean", ".3f"))
     console.print(table)
     if "protocol" in ev:
         console.print("protocol: " + json.dumps(ev["protocol"]))
@@ -226,8 +228,9 @@ def cmd_features(args: argparse.Namespace) -> int:
 
     cdir = args.cache_dir or str(cache_dir(EvalConfig()))
     console = _console()
-    res = train_domain_classifier(args.dataset, args.root, cdir, seed=args.seed if args.seed is not None else DOMAIN_NET_SEED,
-                                  epochs=args.epochs, retrain=args.retrain, log=console.print)
+    seed = DOMAIN_NET_SEED if args.seed is None else args.seed
+    res = train_domain_classifier(args.dataset, args.root, cdir, seed=seed, epochs=args.epochs,
+                                  retrain=args.retrain, log=console.print)
     verb = "cached" if res.cached else f"trained in {res.seconds:.0f} s"
     console.print(f"domain feature network for {args.dataset}: test accuracy {100 * res.test_accuracy:.2f}% ({verb})")
     console.print(f"weights: {res.path}")

@@ -198,7 +198,9 @@ class EvalConfig(Section):
     inception_weights: str = F(
         "", "path to pt_inception-2015-12-05-6726825d.pth; empty = $FEDDIFF_INCEPTION_WEIGHTS"
     )
-    cache_dir: str = F("", "cache for feature networks and reference statistics; empty = $FEDDIFF_CACHE or ~/.cache/feddiff")
+    cache_dir: str = F(
+        "", "cache for feature networks and reference statistics; empty = $FEDDIFF_CACHE or ~/.cache/feddiff"
+    )
 
 
 class SweepConfig(Section):

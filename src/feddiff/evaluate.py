@@ -67,12 +67,14 @@ def build_quality(
         "timestep_spacing": e.timestep_spacing,
     }
     if reference_stats is not None:
-        protocol.update(reference="clients' train images (federated feature sums)", reference_size=int(reference_stats.n))
+        protocol.update(reference="clients' train images (federated feature sums)",
+                        reference_size=int(reference_stats.n))
         return QualityMetrics(net, reference_stats, seed=cfg.run.seed), protocol
     assert reference_images is not None
     images = reference_images
     if 0 < e.reference_num_samples < len(images):
-        idx = np.sort(numpy_rng(DOMAIN_NET_SEED, "reference-subset").choice(len(images), e.reference_num_samples, replace=False))
+        rng = numpy_rng(DOMAIN_NET_SEED, "reference-subset")
+        idx = np.sort(rng.choice(len(images), e.reference_num_samples, replace=False))
         images = images[torch.from_numpy(idx)]
     key = {"dataset": cfg.data.dataset, "split": e.reference_split, "image_size": cfg.data.image_size,
            "resize": cfg.data.resize, "subset": e.reference_num_samples}

@@ -98,7 +98,8 @@ def train_spec(cfg: Config) -> LocalTrainSpec:
 
 def link_spec(link: LinkConfig) -> LinkSpec:
     """A configured direction of the link: codec, weights or delta, error feedback."""
-    kwargs = {"scheme": link.scheme, "stochastic_rounding": link.stochastic_rounding} if link.codec in ("int8", "int4") else {}
+    quantized = link.codec in ("int8", "int4")
+    kwargs = {"scheme": link.scheme, "stochastic_rounding": link.stochastic_rounding} if quantized else {}
     return LinkSpec(make_codec(link.codec, **kwargs), link.mode, link.error_feedback)
 
 

@@ -220,7 +220,8 @@ def load_image_folder(root: str, split: str, size: int | None = None) -> ImageDa
     if not folder.is_dir():
         raise DatasetError(f"image-folder: folder {folder} not found; expected {folder}/<class>/<image>")
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
-    files = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / c).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    files = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / c).iterdir())
+             if p.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise DatasetError(f"image-folder: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}/<class>/")
     from PIL import Image

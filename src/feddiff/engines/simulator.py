@@ -55,7 +55,8 @@ class Simulator:
         self.run_dir = run_dir
         self.ledger = Ledger()
         comp = self.cfg.compress
-        self.transport = LocalTransport(self.ledger, link_spec(comp.downlink), link_spec(comp.uplink), self.cfg.run.seed)
+        self.transport = LocalTransport(self.ledger, link_spec(comp.downlink), link_spec(comp.uplink),
+                                        self.cfg.run.seed)
         self.clients = [ClientState() for _ in range(exp.num_clients)]
         self.evaluator = Evaluator(
             self.cfg.eval, exp.scheduler, exp.test.images if exp.test is not None else None,
@@ -81,8 +82,9 @@ class Simulator:
             total = None
             for k, images in enumerate(exp.client_images):
                 stats = FeatureStats.from_features(extract_features(net, images))  # on the client
-                blob = wire.encode(Message({"n": torch.tensor(stats.n, dtype=torch.float64),
-                                            "sum": torch.from_numpy(stats.sum), "outer": torch.from_numpy(stats.outer)}))
+                sums = {"n": torch.tensor(stats.n, dtype=torch.float64), "sum": torch.from_numpy(stats.sum),
+                        "outer": torch.from_numpy(stats.outer)}
+                blob = wire.encode(Message(sums))
                 if count_bytes:
                     self.ledger.record("eval", "up", f"client{k}", len(blob))
                 got = wire.decode(blob).tensors  # on the server: sums only
