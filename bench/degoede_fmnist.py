@@ -15,15 +15,16 @@ communication UDEC needs relative to FULL under IID (1 - savings).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
+from _sweep_bench import run_bench_sweep
+
 from feddiff.model.parts import group_sizes
 from feddiff.model.presets import build_unet, unet_kwargs
 from feddiff.report import compare, summarize_run
-from feddiff.sweep import run_sweep, sweep_runs
+from feddiff.sweep import sweep_runs
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "degoede_fmnist.toml"
 PAPER_FID = {  # K=5 means from the authors' raw results (shared/reference/papers.md, section 3.6)
@@ -69,13 +70,8 @@ def predicted_savings(rounds: int, clients: int = 5) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run (< 30 s with a cached feature net)")
-    ap.add_argument("--out", default="runs/bench", help="folder for the sweep folder (default runs/bench)")
-    ap.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted bench")
-    args = ap.parse_args()
     t = time.perf_counter()
-    folder = run_sweep(str(CONFIG), scale(args.quick), args.out, resume_dir=args.resume)
+    folder, quick = run_bench_sweep(__doc__, CONFIG, scale)
     rows = compare([summarize_run(path, name) for name, _, path in sweep_runs(folder)])
     pred = predicted_savings(15)
     results: dict[str, dict[str, dict]] = {}
@@ -87,10 +83,10 @@ def main() -> None:
         results.setdefault(r["split"], {})[r["algorithm"]] = entry
     iid_udec = results.get("iid", {}).get("udec", {}).get("savings_vs_full")
     print(json.dumps({
-        "bench": "degoede_fmnist", "mode": "quick" if args.quick else "full", "sweep": str(folder),
+        "bench": "degoede_fmnist", "mode": "quick" if quick else "full", "sweep": str(folder),
         "scale": "K=5, R=15, all clients; small U-Net (1.06M), 10 local Adam steps of 32 per round, lr 2e-3 "
                  "cosine, Huber loss; FD-domain on 200 DDPM-50 samples per model vs the 10k test split"
-                 if not args.quick else "smoke: tiny U-Net, 400 images, 2 rounds",
+                 if not quick else "smoke: tiny U-Net, 400 images, 2 rounds",
         "results": results,
         "predicted_savings_from_our_group_shares": {k: round(v, 4) for k, v in pred.items()},
         "paper_savings_their_unet": PAPER_SAVINGS, "paper_fid_k5": PAPER_FID,

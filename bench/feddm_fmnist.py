@@ -16,13 +16,14 @@ bytes at an FD ratio <= 1.1; the paper allows up to 1.75x FID for its "up to 4x"
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
+from _sweep_bench import run_bench_sweep
+
 from feddiff.report import summarize_run
-from feddiff.sweep import run_sweep, sweep_runs
+from feddiff.sweep import sweep_runs
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "feddm_vanilla.toml"
 
@@ -61,13 +62,8 @@ def overrides(quick: bool) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run (< 30 s with a cached feature net)")
-    ap.add_argument("--out", default="runs/bench", help="folder for the sweep folder (default runs/bench)")
-    ap.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted bench")
-    args = ap.parse_args()
     t = time.perf_counter()
-    folder = run_sweep(str(CONFIG), overrides(args.quick), args.out, resume_dir=args.resume)
+    folder, quick = run_bench_sweep(__doc__, CONFIG, overrides)
     rows = {name.rsplit("_", 1)[-1] if "_" in name else name: summarize_run(path, name)
             for name, _, path in sweep_runs(folder)}
     base = rows["vanilla"]
@@ -83,9 +79,9 @@ def main() -> None:
         }
     head = results.get("quant-int8-ef", {})
     print(json.dumps({
-        "bench": "feddm_fmnist", "mode": "quick" if args.quick else "full", "sweep": str(folder),
+        "bench": "feddm_fmnist", "mode": "quick" if quick else "full", "sweep": str(folder),
         "scale": "5 clients, Dirichlet(0.5), 30 rounds x 10 local steps of 32, small U-Net 28 px; FD-domain on "
-                 "500 DDPM-50 samples vs the 10k test split" if not args.quick else "smoke: tiny U-Net, 400 images, 2 rounds",
+                 "500 DDPM-50 samples vs the 10k test split" if not quick else "smoke: tiny U-Net, 400 images, 2 rounds",
         "results": results, "target": {"fewer_bytes_x": 4.0, "fd_ratio_to_vanilla_max": 1.1},
         "paper": {"fewer_bytes_x": "up to 4", "fid_ratio": "up to 1.75"},
         "wall_s": round(time.perf_counter() - t, 1), "ratio": head.get("fewer_bytes_x"),

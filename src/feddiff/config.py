@@ -233,22 +233,16 @@ class Config(Section):
             raw = {**raw, "algorithm": {"name": "fedavg", **raw["algorithm"]}}
         return raw
 
-    @field_validator("data")
+    @field_validator("data", "model")
     @classmethod
-    def _known_dataset(cls, v: DataConfig) -> DataConfig:
+    def _known_name(cls, v: DataConfig | ModelConfig) -> DataConfig | ModelConfig:
         from feddiff.data.sources import DATASETS
-
-        if v.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {v.dataset!r}; choose from {sorted(DATASETS)}")
-        return v
-
-    @field_validator("model")
-    @classmethod
-    def _known_preset(cls, v: ModelConfig) -> ModelConfig:
         from feddiff.model.presets import PRESETS
 
-        if v.preset not in PRESETS:
-            raise ValueError(f"unknown preset {v.preset!r}; choose from {sorted(PRESETS)}")
+        kind, name, known = (("dataset", v.dataset, DATASETS) if isinstance(v, DataConfig)
+                             else ("preset", v.preset, PRESETS))
+        if name not in known:
+            raise ValueError(f"unknown {kind} {name!r}; choose from {sorted(known)}")
         return v
 
     @model_validator(mode="after")
