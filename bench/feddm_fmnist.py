@@ -10,8 +10,9 @@ Scale (FedDM's own protocol is not published): 5 clients, Dirichlet(0.5) label s
 client every round, 30 rounds x 10 local Adam steps of 32 (lr 2e-3, cosine), the `small` U-Net at
 28 px; FD-domain on 500 samples (DDPM, 50 steps) against the 10k test split. Prints one JSON
 object on its last line: per variant FD-domain, bytes per round, bytes ratio and FD ratio to
-vanilla; ``ratio`` is vanilla's bytes over int8-with-error-feedback's (the target: >= 4x fewer
-bytes at an FD ratio <= 1.1; the paper allows up to 1.75x FID for its "up to 4x").
+vanilla; ``ratio`` is vanilla's bytes over int8-with-error-feedback's; ``meets_target`` lists
+the variants with >= 4x fewer bytes at an FD ratio <= 1.1 (the paper allows up to 1.75x FID for
+its "up to 4x"). int8 stays just under 4x: every tensor carries its scales and the frame a header.
 """
 
 from __future__ import annotations
@@ -78,11 +79,13 @@ def main() -> None:
             "fd_ratio_to_vanilla": (r["fd"] / base["fd"]) if r.get("fd") and base.get("fd") else None,
         }
     head = results.get("quant-int8-ef", {})
+    meets = [n for n, r in results.items() if r["fewer_bytes_x"] >= 4.0 and (r["fd_ratio_to_vanilla"] or 99) <= 1.1]
     print(json.dumps({
         "bench": "feddm_fmnist", "mode": "quick" if quick else "full", "sweep": str(folder),
         "scale": "5 clients, Dirichlet(0.5), 30 rounds x 10 local steps of 32, small U-Net 28 px; FD-domain on "
                  "500 DDPM-50 samples vs the 10k test split" if not quick else "smoke: tiny U-Net, 400 images, 2 rounds",
         "results": results, "target": {"fewer_bytes_x": 4.0, "fd_ratio_to_vanilla_max": 1.1},
+        "meets_target": meets,
         "paper": {"fewer_bytes_x": "up to 4", "fid_ratio": "up to 1.75"},
         "wall_s": round(time.perf_counter() - t, 1), "ratio": head.get("fewer_bytes_x"),
     }))
