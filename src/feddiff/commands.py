@@ -71,9 +71,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     elif personal:
         raise RunError(f"{run_dir.path} holds personal models ({', '.join(personal)}); choose one with --client K")
     else:
-        found = run_dir.latest_checkpoint()
+        damaged: list[tuple[Path, str]] = []
+        found = run_dir.latest_checkpoint(damaged)
+        for _, reason in damaged:
+            print(f"warning: {reason}; using an older checkpoint", file=sys.stderr)
         if found is None:
-            raise RunError(f"{run_dir.path} has neither a final model nor a checkpoint")
+            raise RunError(f"{run_dir.path} has neither a final model nor a readable checkpoint")
         rnd, tensors, _ = found
         channels = int(tensors["strategy/global/conv_in.weight"].shape[1])
         model = build_unet(model_kwargs(cfg, channels), 0)

@@ -172,11 +172,29 @@ class RunDir:
         except Exception as err:  # safetensors raises its own error types
             raise RunError(f"checkpoint {path} is unreadable: {err}") from None
 
-    def latest_checkpoint(self) -> tuple[int, StateDict, dict[str, Any]] | None:
-        """The newest readable checkpoint (a damaged newest one falls back to the one before)."""
+    def latest_checkpoint(self, damaged: list[tuple[Path, str]] | None = None
+                          ) -> tuple[int, StateDict, dict[str, Any]] | None:
+        """The newest readable checkpoint (a damaged newest one falls back to the one before).
+
+        Each damaged checkpoint passed over is appended to ``damaged`` as (path, reason).
+        """
         for _, path in reversed(self.checkpoints()):
             try:
                 return self.load_checkpoint(path)
-            except RunError:
-                continue
+            except RunError as err:
+                if damaged is not None:
+                    damaged.append((path, str(err)))
         return None
+
+    def set_aside(self, path: Path) -> Path:
+        """Rename a damaged checkpoint (and its JSON) to ``*.damaged``, out of the resume path; kept, not deleted."""
+        suffix, n = ".damaged", 1
+        while path.with_name(path.name + suffix).exists():  # an earlier damaged copy stays too
+            n += 1
+            suffix = f".damaged{n}"
+        kept = path.with_name(path.name + suffix)
+        path.replace(kept)
+        meta = path.with_suffix(".json")
+        if meta.exists():
+            meta.replace(meta.with_name(meta.name + suffix))
+        return kept

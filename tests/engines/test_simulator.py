@@ -78,6 +78,23 @@ def test_resume_rejects_math_changes_and_finished_runs(make_config):
         resume(rd.path / "samples")
 
 
+def test_resume_sets_a_damaged_checkpoint_aside_and_falls_back(make_config, capsys):
+    full = final_weights(run(make_config()))
+    rd = run(make_config(run={"checkpoint_every": 1}))
+    newest = rd.path / "checkpoints" / "round-00002.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a disk that lost the file's tail
+    resume(rd.path)
+    err = capsys.readouterr().err
+    assert "round-00002.safetensors is unreadable" in err and "resuming from round 1" in err
+    assert (rd.path / "checkpoints" / "round-00002.safetensors.damaged").stat().st_size == 1000
+    resumed = final_weights(rd)  # round 2 redone from round 1 gives the uninterrupted weights
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    for _, path in rd.checkpoints():
+        path.write_bytes(b"garbage")
+    with pytest.raises(RunError, match=r"no readable checkpoint to resume from\n  checkpoint .*round-00002"):
+        resume(rd.path)
+
+
 def test_exported_model_loads_in_ddpm_pipeline(make_config):
     from diffusers import DDPMPipeline
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -109,9 +110,15 @@ class Simulator:
     def restore(self, rnd: int | None = None) -> int:
         """Load the checkpoint after round ``rnd`` (default: the newest readable one); returns its round."""
         if rnd is None:
-            found = self.run_dir.latest_checkpoint()
+            damaged: list[tuple[Path, str]] = []
+            found = self.run_dir.latest_checkpoint(damaged)
             if found is None:
-                raise RunError(f"{self.run_dir.path} has no checkpoint to resume from")
+                why = "".join(f"\n  {reason}" for _, reason in damaged)
+                raise RunError(f"{self.run_dir.path} has no readable checkpoint to resume from{why}")
+            for path, reason in damaged:
+                kept = self.run_dir.set_aside(path)
+                print(f"warning: {reason}\n  kept it as {kept.name}; resuming from round {found[0]}",
+                      file=sys.stderr, flush=True)
         else:
             paths = dict(self.run_dir.checkpoints())
             if rnd not in paths:
