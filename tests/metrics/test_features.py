@@ -76,7 +76,7 @@ def test_training_writes_cache_with_settings(trained, fmnist_dir: Path) -> None:
     cache, result = trained
     assert not result.cached and result.path.is_file() and result.path.parent == cache / "features"
     meta = json.loads(result.path.with_suffix(".json").read_text())
-    for key in ("dataset", "seed", "epochs", "arch_version", "image_size", "test_accuracy", "labels_sha256", "hash"):
+    for key in ("dataset", "seed", "epochs", "arch_version", "image_size", "test_accuracy", "data_sha256", "hash"):
         assert key in meta
     assert (meta["dataset"], meta["seed"], meta["epochs"], meta["image_size"]) == ("fashion-mnist", 0, 1, 28)
     assert result.path.name == f"domain-fashion-mnist-{meta['hash']}.safetensors"

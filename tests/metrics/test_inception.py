@@ -128,7 +128,9 @@ def test_features_and_logits_shapes(net: InceptionV3FID) -> None:
     feats, logits = net.features_and_logits(torch.rand(2, 3, 32, 32))  # ~1-3 s on 2 CPU cores
     assert feats.shape == (2, 2048) and feats.dtype == torch.float32
     assert logits.shape == (2, 1008)
-    torch.testing.assert_close(logits, net.fc(feats))
+    # the Inception Score's logits leave out the fc bias, as the original code and torchmetrics do
+    torch.testing.assert_close(logits, feats @ net.fc.weight.T)
+    assert net.fc.bias.abs().max() > 0 and not torch.allclose(logits, net.fc(feats))
     assert net.num_features == 2048 and net.metric_label == "FID"
 
 

@@ -66,6 +66,13 @@ def test_kid_and_is_agree_with_pure_functions(net, data) -> None:
     assert out["is_mean"] == pytest.approx(inception_score(logits, 1)[0], rel=1e-9) and out["is_std"] == 0.0
 
 
+def test_generated_images_are_scored_at_8_bits(net, data) -> None:
+    qm = QualityMetrics(net, extract_features(net, data["train"]), kid_subsets=2)
+    fake = to_sampler_range(data["test"][:40])
+    nudged = fake + (torch.rand(fake.shape, generator=torch.Generator().manual_seed(0)) - 0.5) * (0.9 / 127.5)
+    assert not torch.equal(fake, nudged) and qm.compute(nudged) == qm.compute(fake)  # same PNG, same score
+
+
 def test_compute_is_deterministic_and_validates(net, data) -> None:
     qm = QualityMetrics(net, extract_features(net, data["train"]), kid_subsets=5)
     fake = to_sampler_range(data["test"][:40])
@@ -131,5 +138,8 @@ def test_reference_features_cached_by_key(net, data, tmp_path: Path, monkeypatch
     assert calls == [] and np.array_equal(again, first)  # loaded, not recomputed
     reference_features(net, data["train"], cache_dir=tmp_path, key={**key, "split": "test"})
     assert calls == [1] and len(list((tmp_path / "reference").glob("*.npz"))) == 2
+    # other images under the same key (another folder, changed files) never get stale features
+    reference_features(net, 255 - data["train"], cache_dir=tmp_path, key=key)
+    assert calls == [1, 1] and len(list((tmp_path / "reference").glob("*.npz"))) == 3
     with pytest.raises(ValueError, match="JSON"):
         reference_features(net, data["train"], cache_dir=tmp_path, key={"bad": object()})

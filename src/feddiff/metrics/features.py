@@ -141,9 +141,13 @@ class DomainResult:
     cached: bool = False
 
 
-def _labels_sha256(labels: torch.Tensor, image_shape: tuple[int, ...]) -> str:
-    h = hashlib.sha256(np.ascontiguousarray(labels.numpy(), dtype=np.int64).tobytes())
-    h.update(repr(tuple(image_shape)).encode())
+def tensor_sha256(*tensors: torch.Tensor) -> str:
+    """16 hex digits of SHA-256 over the tensors' dtypes, shapes and bytes: a key for data-derived caches."""
+    h = hashlib.sha256()
+    for t in tensors:
+        arr = np.ascontiguousarray(t.detach().cpu().numpy())
+        h.update(f"{arr.dtype}{arr.shape}".encode())
+        h.update(arr.data)
     return h.hexdigest()[:16]
 
 
@@ -154,7 +158,7 @@ def _domain_settings(
         "dataset": dataset, "seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr,
         "arch_version": DOMAIN_ARCH_VERSION, "in_channels": train.channels,
         "image_size": min(int(train.images.shape[-1]), DOMAIN_MAX_SIZE), "num_classes": train.num_classes,
-        "labels_sha256": _labels_sha256(train.labels, tuple(train.images.shape)),
+        "data_sha256": tensor_sha256(train.images, train.labels),
     }  # fmt: skip
 
 
@@ -287,24 +291,24 @@ def train_domain_classifier(
 
 
 def load_domain_net(dataset: str, root: str, cache_dir: str | os.PathLike, seed: int = 0) -> DomainNet:
-    """The cached domain net for ``dataset`` (its train labels at ``root``) and ``seed``.
+    """The cached domain net for ``dataset`` (its train split at ``root``) and ``seed``.
 
     Among cached nets that match (several epoch counts, say), the one with the best test accuracy
     is taken. Raises FileNotFoundError naming the command that trains one if none is cached.
     """
     train = load_dataset(dataset, root, "train", _read_size(dataset))
-    labels_hash = _labels_sha256(train.labels, tuple(train.images.shape))
+    data_hash = tensor_sha256(train.images, train.labels)
     folder = Path(cache_dir) / FEATURES_SUBDIR
     matches = []
     for meta_path in sorted(folder.glob(f"domain-{dataset}-*.json")):
         meta = json.loads(meta_path.read_text())
         weights = meta_path.with_suffix(".safetensors")
         if (meta.get("arch_version") == DOMAIN_ARCH_VERSION and meta.get("seed") == seed
-                and meta.get("labels_sha256") == labels_hash and weights.is_file()):
+                and meta.get("data_sha256") == data_hash and weights.is_file()):
             matches.append((-meta["test_accuracy"], meta_path.name, meta, weights))
     if not matches:
         raise FileNotFoundError(
-            f"no trained domain feature net for dataset {dataset!r} (seed {seed}, these train labels) in "
+            f"no trained domain feature net for dataset {dataset!r} (seed {seed}, this train split) in "
             f"{folder}; train one with `feddiff features train --dataset {dataset}` (about a minute on "
             "a CPU), or choose the 'inception' feature net with a local weights file"
         )

@@ -234,13 +234,16 @@ class InceptionV3FID(nn.Module):
         return self.pool3(self.prepare(images))
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Class logits (N, 1008), for the Inception Score."""
-        return self.fc(self.forward(images))
+        """Class logits (N, 1008) for the Inception Score: pool3 @ fc.weight.T, without the bias.
+
+        As the original Inception Score code, torch-fidelity and torchmetrics ("logits_unbiased").
+        """
+        return self.forward(images) @ self.fc.weight.T
 
     def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both outputs from one pass through the network."""
         feats = self.forward(images)
-        return feats, self.fc(feats)
+        return feats, feats @ self.fc.weight.T
 
 
 def _weights_help() -> str:

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from feddiff.metrics.features import FeatureNet, check_images
+from feddiff.data.transforms import to_uint8
+from feddiff.metrics.features import FeatureNet, check_images, tensor_sha256
 from feddiff.metrics.fid import FeatureStats
 from feddiff.seeding import derive_seed
 
@@ -90,8 +91,10 @@ def reference_features(
     cache_dir
         Cache root; files go to ``cache_dir/reference/<net>-<hash>.npz``.
     key
-        Everything the features depend on: dataset, split, image size, resize mode, number of
-        images, ... The net's name and ``weights_id`` are added to it. It is stored in the file.
+        What the features depend on, for people reading the file: dataset, split, image size,
+        resize mode, ... The net's name and ``weights_id``, the number of images and a SHA-256 of
+        their bytes are added to it (so another folder or changed files never hit a stale entry).
+        It is stored in the file.
     batch_size
         Images per forward pass.
 
@@ -100,7 +103,8 @@ def reference_features(
     np.ndarray
         float32 (N, num_features).
     """
-    full_key = {"feature_net": net.name, "feature_weights": net.weights_id, "num_images": len(images_u8), **key}
+    full_key = {"feature_net": net.name, "feature_weights": net.weights_id, "num_images": len(images_u8),
+                "images_sha256": tensor_sha256(images_u8), **key}
     text, digest = _key_hash(full_key)
     path = Path(cache_dir) / REFERENCE_SUBDIR / f"{net.name}-{digest}.npz"
     if path.is_file():
@@ -214,7 +218,8 @@ class QualityMetrics:
         n = int(fake_images.shape[0])
         if n < 2:
             raise ValueError(f"QualityMetrics.compute: need at least 2 generated images, got {n}")
-        unit = ((fake_images.detach().to("cpu", torch.float32) + 1) / 2).clamp(0, 1)
+        # quantized to 8 bits like the real side (and like a saved PNG, as pytorch-fid scores them)
+        unit = to_uint8(fake_images.detach().to("cpu", torch.float32)).float() / 255
         feats, logits = extract_features(self.net, unit, batch_size=self.batch_size, with_logits=True)
         fake = torch.from_numpy(feats).to(torch.float64)
         out: dict[str, float | str | int] = {"fd": self._fd(fake)}
