@@ -7,7 +7,9 @@ client): the same in the simulator, after a resume, and on a Flower node.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -27,3 +29,17 @@ def torch_generator(device: torch.device | str, seed: int, *parts: object) -> to
 
 def numpy_rng(seed: int, *parts: object) -> np.random.Generator:
     return np.random.default_rng(derive_seed(seed, *parts))
+
+
+@contextlib.contextmanager
+def global_rng(device: torch.device | str, seed: int, *parts: object) -> Iterator[None]:
+    """Seed torch's global RNG from (seed, parts) inside the block and restore it afterwards.
+
+    For what draws from the global generator and takes no ``generator=`` (dropout), so a round of
+    a client is the same whether it runs in one process, after a resume, or beside other runs.
+    """
+    device = torch.device(device)
+    cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(derive_seed(seed, *parts))
+        yield

@@ -48,18 +48,20 @@ def test_bytes_are_real_serialized_sizes(make_config):
 
 
 def test_same_seed_same_run(make_config):
-    a = final_weights(run(make_config()))
-    b = final_weights(run(make_config()))
+    # dropout draws from torch's global generator: each client round must seed it
+    a = final_weights(run(make_config(model={"dropout": 0.1})))
+    torch.manual_seed(12345)  # whatever the global state between runs
+    b = final_weights(run(make_config(model={"dropout": 0.1})))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    c = final_weights(run(make_config(run={"seed": 4})))
+    c = final_weights(run(make_config(run={"seed": 4}, model={"dropout": 0.1})))
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_resume_extends_to_identical_weights(make_config):
     # keep Adam state and warm up, so the checkpoint must carry client state too
-    train = {"keep_optimizer_state": True, "warmup_steps": 3}
-    full = run(make_config(run={"num_rounds": 3}, train=train))
-    part = run(make_config(run={"num_rounds": 1}, train=train))
+    train, model = {"keep_optimizer_state": True, "warmup_steps": 3}, {"dropout": 0.1}
+    full = run(make_config(run={"num_rounds": 3}, train=train, model=model))
+    part = run(make_config(run={"num_rounds": 1}, train=train, model=model))
     resumed = resume(part.path, ["run.num_rounds=3"])
     a, b = final_weights(full), final_weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)

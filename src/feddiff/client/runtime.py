@@ -18,7 +18,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from feddiff.algorithms.aggregate import clone_state
 from feddiff.client.train import LocalTrainSpec, train_local
 from feddiff.model.parts import select
-from feddiff.seeding import torch_generator
+from feddiff.seeding import global_rng, torch_generator
 
 StateDict = dict[str, torch.Tensor]
 KNOWN_TASK_KEYS = {"round", "upload", "personal", "prox_mu"}
@@ -107,10 +107,11 @@ class ClientRuntime:
         spec = replace(self.spec, lr=lr, prox_mu=float(config.get("prox_mu", 0.0)))
         gen = torch_generator(self.device, self.seed, "train", rnd, client)
         opt_state = (state.optimizer or {}) if self.keep_optimizer_state else None
-        result = train_local(
-            self.model, images, spec, self.scheduler, gen, steps_done=state.steps_done,
-            optimizer_state=opt_state, anchor=received if spec.prox_mu > 0 else None, progress=progress,
-        )
+        with global_rng(self.device, self.seed, "dropout", rnd, client):
+            result = train_local(
+                self.model, images, spec, self.scheduler, gen, steps_done=state.steps_done,
+                optimizer_state=opt_state, anchor=received if spec.prox_mu > 0 else None, progress=progress,
+            )
         state.steps_done += result.num_steps
         if self.keep_optimizer_state:
             state.optimizer = clone_state(result.optimizer_state or {})
