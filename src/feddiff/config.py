@@ -98,6 +98,9 @@ class TrainConfig(Section):
         "constant", "lr across rounds: constant, or cosine decay from lr to lr * min_lr_ratio at the last round"
     )
     min_lr_ratio: float = F(0.1, "cosine schedule: final lr as a fraction of lr", ge=0, le=1)
+    lr_schedule_rounds: int = F(
+        0, "rounds the cosine schedule spans (0 = run.num_rounds); later rounds train at lr * min_lr_ratio", ge=0
+    )
     precision: Literal["fp32", "bf16"] = F(
         "fp32", "bf16 = autocast matmuls/convs to bfloat16 (fast on GPUs and CPUs with AVX512-BF16/AMX)"
     )

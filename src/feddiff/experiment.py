@@ -141,5 +141,5 @@ def build_experiment(cfg: Config) -> Experiment:
     strategy = make_strategy(cfg.algorithm, len(parts), cfg.run.seed)
     t = cfg.train
     runtime = ClientRuntime(model, scheduler, train_spec(cfg), cfg.run.seed, t.keep_optimizer_state,
-                            cfg.run.num_rounds, t.lr_schedule, t.min_lr_ratio)
+                            t.lr_schedule_rounds or cfg.run.num_rounds, t.lr_schedule, t.min_lr_ratio)
     return Experiment(cfg, device, train, test, parts, client_images, model, scheduler, strategy, runtime)

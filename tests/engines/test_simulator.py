@@ -70,12 +70,28 @@ def test_resume_extends_to_identical_weights(make_config):
     assert ma[-1]["bytes_cumulative"] == mb[-1]["bytes_cumulative"]
 
 
+def test_extending_a_cosine_run_keeps_its_schedule(make_config, capsys):
+    # the rounds already trained keep their learning rates; the added ones train at lr * min_lr_ratio
+    train = {"lr_schedule": "cosine", "min_lr_ratio": 0.25}
+    part = run(make_config(run={"num_rounds": 2}, train=train))
+    extended = resume(part.path, ["run.num_rounds=3"])
+    assert "cosine lr schedule keeps its 2 rounds" in capsys.readouterr().out
+    assert json.loads((extended.path / "config.json").read_text())["train"]["lr_schedule_rounds"] == 2
+    full = run(make_config(run={"num_rounds": 3}, train={**train, "lr_schedule_rounds": 2}))
+    a, b = final_weights(full), final_weights(extended)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_rejects_math_changes_and_finished_runs(make_config):
     rd = run(make_config(run={"num_rounds": 1}))
     with pytest.raises(Exception, match="cannot change on resume"):
         resume(rd.path, ["train.lr=0.1"])
     with pytest.raises(RunError, match="already finished all 1 rounds"):
         resume(rd.path)
+    saved = (rd.path / "config.json").read_bytes()
+    with pytest.raises(RunError, match="already finished all 1 rounds"):
+        resume(rd.path, ["run.progress=lines"])
+    assert (rd.path / "config.json").read_bytes() == saved  # a refused resume leaves the config alone
     with pytest.raises(RunError, match="not a run folder"):
         resume(rd.path / "samples")
 

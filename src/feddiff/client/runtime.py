@@ -25,11 +25,16 @@ KNOWN_TASK_KEYS = {"round", "upload", "personal", "prox_mu"}
 
 
 def lr_factor(rnd: int, num_rounds: int, schedule: str, min_ratio: float) -> float:
-    """The lr multiplier of round ``rnd`` (0-based) of ``num_rounds``: 1, or cosine to ``min_ratio``."""
-    if schedule == "constant" or num_rounds <= 1:
+    """The lr multiplier of round ``rnd`` (0-based) of ``num_rounds``: 1, or cosine to ``min_ratio``.
+
+    Rounds past the schedule's end (a run extended on resume) stay at ``min_ratio``.
+    """
+    if schedule == "constant":
         return 1.0
     if schedule == "cosine":
-        progress = rnd / (num_rounds - 1)
+        if num_rounds <= 1:
+            return 1.0 if rnd < num_rounds else min_ratio
+        progress = min(rnd / (num_rounds - 1), 1.0)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     raise ValueError(f"unknown lr schedule {schedule!r}; choose from ['constant', 'cosine']")
 

@@ -381,6 +381,7 @@ def resume(path: str | Path, overrides: list[str] = ()) -> RunDir:
 
     run_dir = RunDir.open(path)
     cfg = load_resolved(run_dir.config_path)
+    notes: list[str] = []
     if overrides:
         raw = cfg.model_dump(mode="json")
         for text in overrides:
@@ -392,8 +393,13 @@ def resume(path: str | Path, overrides: list[str] = ()) -> RunDir:
                     f"allowed: {', '.join(RESUMABLE_OVERRIDES)}"
                 )
             _set_path(raw, key, value)
+        t = cfg.train
+        if raw["run"]["num_rounds"] != cfg.run.num_rounds and t.lr_schedule == "cosine" and not t.lr_schedule_rounds:
+            # the schedule keeps the length it was trained with; added rounds train at lr * min_lr_ratio
+            raw["train"]["lr_schedule_rounds"] = cfg.run.num_rounds
+            notes.append(f"note: the cosine lr schedule keeps its {cfg.run.num_rounds} rounds "
+                         f"(train.lr_schedule_rounds); rounds after it train at lr x {t.min_lr_ratio}")
         cfg = config_from_dict(raw, f"{run_dir.config_path} with overrides")
-        run_dir.write_json("config.json", cfg.model_dump(mode="json"))
     sim = Simulator(build_experiment(cfg), run_dir)
     sim.resume()
     if sim.start_round >= cfg.run.num_rounds:
@@ -401,4 +407,8 @@ def resume(path: str | Path, overrides: list[str] = ()) -> RunDir:
             f"{run_dir.path} already finished all {cfg.run.num_rounds} rounds; "
             "extend it with --set run.num_rounds=N"
         )
+    if overrides:  # only once the resume is known to go ahead
+        run_dir.write_json("config.json", cfg.model_dump(mode="json"))
+        for note in notes:
+            print(note, flush=True)
     return sim.run()
