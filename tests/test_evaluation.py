@@ -44,8 +44,10 @@ def test_federated_reference_equals_pooled(make_config):
     e_p, e_f = pooled.read_metrics()[-1]["eval"], fed.read_metrics()[-1]["eval"]
     assert e_f["fd"] == pytest.approx(e_p["fd"], rel=1e-6)
     assert "kid_mean" not in e_f  # KID needs the features themselves
-    eval_bytes = fed.read_metrics()[0]["bytes"]["eval"]["up"]
-    assert eval_bytes > 0 and "eval" not in pooled.read_metrics()[0]["bytes"]
+    first = fed.read_metrics()[0]
+    assert first["bytes"]["eval"]["up"] > 0 and "eval" not in pooled.read_metrics()[0]["bytes"]
+    # the clients' rows count the round's own messages, not the feature sums on the eval link
+    assert sum(c["bytes_up"] for c in first["clients"]) == first["bytes"]["client-server"]["up"]
 
 
 def test_personal_models_report_mean_and_spread(make_config):

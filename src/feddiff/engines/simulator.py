@@ -195,8 +195,8 @@ class Simulator:
                 # Record the round, then checkpoint (a resume redoes rounds after the checkpoint)
                 t_round = time.perf_counter() - t_round
                 self.elapsed_s += t_round
-                for r in replies:
-                    node = comm["bytes_per_node"].get(f"client{r.client}", {})
+                for task, r in zip(tasks, replies):  # the round's own messages; evaluation traffic is its own link
+                    node = comm["bytes_per_node"].get(task.link, {}).get(f"client{r.client}", {})
                     client_rows.append({"id": r.client, "num_samples": r.num_samples, **r.metrics,
                                         "bytes_down": node.get("down", 0), "bytes_up": node.get("up", 0)})
                 n_total = sum(r.num_samples for r in replies)

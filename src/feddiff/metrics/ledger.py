@@ -28,10 +28,10 @@ class Ledger:
     def close_round(self) -> dict[str, Any]:
         """Summarise the round's messages and add them to the running totals."""
         per_link: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(DIRECTIONS, 0))
-        per_node: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(DIRECTIONS, 0))
+        per_node: dict[str, dict[str, dict[str, int]]] = defaultdict(dict)
         for link, direction, node, n in self._round:
             per_link[link][direction] += n
-            per_node[node][direction] += n
+            per_node[link].setdefault(node, dict.fromkeys(DIRECTIONS, 0))[direction] += n
             cum = self.cumulative.setdefault(link, dict.fromkeys(DIRECTIONS, 0))
             cum[direction] += n
             msg = self.messages.setdefault(link, dict.fromkeys(DIRECTIONS, 0))
@@ -39,7 +39,7 @@ class Ledger:
         self._round = []
         return {
             "bytes": {k: dict(v) for k, v in per_link.items()},
-            "bytes_per_node": {k: dict(v) for k, v in per_node.items()},
+            "bytes_per_node": {k: dict(v) for k, v in per_node.items()},  # link -> node -> direction
             "bytes_cumulative": {k: dict(v) for k, v in self.cumulative.items()},
             "bytes_total_cumulative": sum(sum(v.values()) for v in self.cumulative.values()),
         }
