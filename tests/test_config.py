@@ -1,6 +1,8 @@
 import json
+import os
 
 import pytest
+import torch
 
 from feddiff.config import Config, ConfigError, describe, load_config, load_resolved, parse_override
 
@@ -87,3 +89,26 @@ def test_shipped_configs_load():
 
     for p in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.toml")):
         load_config(p)
+
+
+def test_device_choice_and_cuda_determinism(monkeypatch):
+    from feddiff.experiment import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto").type == "cpu"
+    with pytest.raises(ValueError, match="run.device='cuda' but no CUDA device is available"):
+        pick_device("cuda")
+    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
+        assert pick_device("auto", deterministic=False).type == "cuda" and torch.backends.cudnn.benchmark
+        assert pick_device("auto").type == "cuda"
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[:2]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])

@@ -35,6 +35,10 @@ class RunConfig(Section):
     num_rounds: int = F(10, "communication rounds", ge=1)
     device: Literal["auto", "cpu", "cuda"] = F("auto", "auto = cuda when available, else cpu")
     num_threads: int = F(0, "torch CPU threads; 0 = torch's default", ge=0)
+    deterministic: bool = F(
+        True, "on CUDA: deterministic cuDNN/cuBLAS kernels, so a resumed run equals an uninterrupted one "
+        "(slower); false = the fastest kernels, equal only to float tolerance. CPU runs are always exact"
+    )
     checkpoint_every: int = F(1, "rounds between checkpoints; 0 = only the last round", ge=0)
     keep_checkpoints: int = F(2, "how many recent checkpoints to keep on disk", ge=1)
     progress: Literal["auto", "bar", "lines", "none"] = F(

@@ -5,6 +5,7 @@ Both engines start here, so a run means the same thing in the simulator and on F
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,12 +26,20 @@ from feddiff.model.presets import build_unet, unet_kwargs
 from feddiff.seeding import derive_seed, numpy_rng
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, deterministic: bool = True) -> torch.device:
+    """The torch device for ``run.device``; on CUDA, deterministic kernels unless asked otherwise."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("run.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reproducibility (read at first use)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        # ops without a deterministic CUDA kernel warn instead of failing the run
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return device
 
 
 def load_split(cfg: Config, split: str) -> ImageData:
@@ -122,7 +131,7 @@ class Experiment:
 
 
 def build_experiment(cfg: Config) -> Experiment:
-    device = pick_device(cfg.run.device)
+    device = pick_device(cfg.run.device, cfg.run.deterministic)
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
     train = load_split(cfg, "train")
