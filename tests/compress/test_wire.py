@@ -55,6 +55,37 @@ def test_inconsistent_header_rejected():
         decode(pack_frame(header, storage))
 
 
+def frame_with_header(head: dict) -> bytes:
+    """A frame with a valid checksum around any header (no data section)."""
+    import json
+    import zlib
+
+    raw = zlib.compress(json.dumps(head).encode())
+    body = len(raw).to_bytes(4, "little") + raw
+    return b"FDM\x02" + zlib.crc32(body).to_bytes(4, "little") + body
+
+
+@pytest.mark.parametrize("head, match", [
+    ([1, 2], "not an object with a storage table"),
+    ({"storage": [], "index": []}, "not an object with a storage table"),
+    ({"storage": {}, "index": [5], "meta": {}, "codec": "identity", "codec_config": {}}, r"malformed index entry 5"),
+    ({"storage": {}, "index": [], "meta": [1], "codec": "identity", "codec_config": {}}, "meta and codec_config"),
+])
+def test_well_framed_but_malformed_headers_rejected(head, match):
+    with pytest.raises(MessageError, match=match):
+        decode(frame_with_header(head))
+
+
+def test_identity_rejects_params_and_extra_parts():
+    header, storage = unpack_frame(encode(Message({"w": torch.zeros(4)})))
+    header["index"][0][4] = {"junk": 1}
+    with pytest.raises(MessageError, match=r"tensor 'w': identity: unexpected codec parameters"):
+        decode(pack_frame(header, storage))
+    header["index"][0][4], header["index"][0][5] = {}, ["", "extra"]
+    with pytest.raises(MessageError, match=r"tensor 'w':.*unexpected \['extra'\]"):
+        decode(pack_frame(header, {**storage, "w#extra": torch.zeros(1)}))
+
+
 def test_storage_table_out_of_bounds_rejected():
     header, storage = unpack_frame(encode(Message({"w": torch.zeros(4)})))
     blob = pack_frame(header, {"w#": torch.zeros(4)})

@@ -90,7 +90,10 @@ class Codec:
         return {"": x.detach().contiguous()}, {}
 
     def decode(self, storage: Storage, params: dict[str, Any], shape: list[int], dtype: torch.dtype) -> torch.Tensor:
-        x = _get(storage, "")
+        if params != {}:
+            raise CodecError(f"identity: unexpected codec parameters {params!r}")
+        _check_parts(self.name, storage, [""])
+        x = storage[""]
         if list(x.shape) != list(shape) or x.dtype != dtype:
             raise CodecError(f"identity: stored {x.dtype}{list(x.shape)} but header says {dtype}{list(shape)}")
         return x

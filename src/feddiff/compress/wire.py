@@ -110,6 +110,8 @@ def unpack_frame(blob: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         if inflater.unconsumed_tail or not inflater.eof:
             raise MessageError(f"message header is not a complete compressed header under {_MAX_HEADER} bytes")
         header = json.loads(text)
+        if not isinstance(header, dict) or not isinstance(header.get("storage"), dict):
+            raise MessageError("malformed message header: not an object with a storage table")
         table = header.pop("storage")
         data_start = _aligned(_PREFIX + n)
         size = len(view) - data_start
@@ -167,9 +169,15 @@ def decode(blob: bytes) -> Message:
         index, meta, codec_config = header["index"], header["meta"], header["codec_config"]
     except KeyError as err:
         raise MessageError(f"message header lacks {err}") from None
+    if not (isinstance(index, list) and isinstance(meta, dict) and isinstance(codec_config, dict)):
+        raise MessageError("malformed message header: index must be a list, meta and codec_config objects")
     tensors: StateDict = {}
     used = set()
     for entry in index:
+        if not (isinstance(entry, list) and len(entry) == 6 and isinstance(entry[0], str)
+                and isinstance(entry[5], list) and all(isinstance(x, str) for x in entry[5])):
+            raise MessageError(f"malformed index entry {str(entry)[:80]}: expected [name, shape, dtype, codec, "
+                               "params, parts]")
         try:
             name, shape, dtype_name, codec_name, params, suffixes = entry
             dtype = _DTYPES[dtype_name]
@@ -177,7 +185,7 @@ def decode(blob: bytes) -> Message:
             parts = {s: storage[f"{name}#{s}"] for s in suffixes}
             x = codec.decode(parts, params, shape, dtype)
         except (ValueError, KeyError, TypeError, CodecError) as err:
-            raise MessageError(f"tensor {entry[0] if entry else '?'!r}: {err}") from None
+            raise MessageError(f"tensor {name!r}: {err}") from None
         if list(x.shape) != list(shape) or x.dtype != dtype:
             raise MessageError(f"tensor {name!r}: decoded {x.dtype}{list(x.shape)} != header {dtype_name}{shape}")
         if name in tensors:
