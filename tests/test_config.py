@@ -112,3 +112,12 @@ def test_device_choice_and_cuda_determinism(monkeypatch):
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[:2]
         torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+
+
+def test_downlink_error_feedback_is_refused():
+    with pytest.raises(ConfigError, match=r"compress.downlink.error_feedback = true has no effect"):
+        load_config(None, ["compress.downlink.mode=delta", "compress.downlink.codec=int8",
+                           "compress.downlink.error_feedback=true"])
+    cfg = load_config(None, ["compress.uplink.mode=delta", "compress.uplink.codec=int8",
+                             "compress.uplink.error_feedback=true"])
+    assert cfg.compress.uplink.error_feedback

@@ -19,6 +19,7 @@ def test_run_records_fd_domain_with_protocol(make_config):
     p = ev["protocol"]
     assert p["feature_net"] == "domain" and p["num_generated"] == 12 and p["reference"] == "test split"
     assert p["reference_size"] == 80 and p["sampler"] == "ddim" and p["steps"] == 2
+    assert (p["kid_subset_size"], p["is_splits"]) == (12, 10) and p["kid_subsets"] >= 1  # capped by 12 samples
     assert rd.read_metrics()[-1]["time_s"]["eval"] > 0
 
 

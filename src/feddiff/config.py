@@ -181,6 +181,15 @@ class CompressConfig(Section):
     uplink: LinkConfig = F(LinkConfig(), "client -> server")
     downlink: LinkConfig = F(LinkConfig(), "server -> client")
 
+    @model_validator(mode="after")
+    def _downlink_corrects_itself(self) -> CompressConfig:
+        if self.downlink.error_feedback:
+            raise ValueError(
+                "compress.downlink.error_feedback = true has no effect: downlink deltas are taken against each "
+                "client's own decoded copy, so quantization error never accumulates; it applies to the uplink only"
+            )
+        return self
+
 
 class EvalConfig(Section):
     every_rounds: int = F(0, "evaluate every N rounds; 0 = only after the last round", ge=0)

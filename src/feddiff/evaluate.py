@@ -135,8 +135,9 @@ class Evaluator:
         images = sample(model, self.scheduler, self.cfg.fid_num_samples, g, self.cfg.sampler,
                         self.cfg.num_inference_steps, self.cfg.timestep_spacing)
         out = metrics.compute(images)
+        ran = {k: out[k] for k in ("kid_subsets", "kid_subset_size", "is_splits") if k in out}
         return {k: out[k] for k in ("fd", "kid_mean", "kid_std", "is_mean", "is_std") if k in out} | {
-            "label": out["label"], "protocol": protocol}
+            "label": out["label"], "protocol": protocol | ran}
 
     def __call__(self, model: UNet2DModel, samples_dir: Path, tag: str) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -64,6 +64,7 @@ def test_kid_and_is_agree_with_pure_functions(net, data) -> None:
                                             rel=1e-6, abs=1e-12)
     assert out["kid_std"] == pytest.approx(0, abs=1e-12)
     assert out["is_mean"] == pytest.approx(inception_score(logits, 1)[0], rel=1e-9) and out["is_std"] == 0.0
+    assert (out["kid_subsets"], out["kid_subset_size"], out["is_splits"]) == (3, 100, 1)  # the protocol as it ran
 
 
 def test_generated_images_are_scored_at_8_bits(net, data) -> None:

@@ -211,8 +211,9 @@ class QualityMetrics:
         -------
         dict
             ``fd`` (the Fréchet distance; ``label`` says whether it is "FID" or "FD-domain"),
-            ``kid_mean``, ``kid_std`` (when reference features are available), ``is_mean``,
-            ``is_std``, ``label``, ``feature_net``, ``num_fake``, ``num_real``.
+            ``kid_mean``, ``kid_std``, ``kid_subsets``, ``kid_subset_size`` (when reference
+            features are available), ``is_mean``, ``is_std``, ``is_splits``, ``label``,
+            ``feature_net``, ``num_fake``, ``num_real``.
         """
         check_images(fake_images, (1, 3), "QualityMetrics.compute")
         n = int(fake_images.shape[0])
@@ -224,8 +225,12 @@ class QualityMetrics:
         fake = torch.from_numpy(feats).to(torch.float64)
         out: dict[str, float | str | int] = {"fd": self._fd(fake)}
         if self.real_features is not None:
-            out["kid_mean"], out["kid_std"] = self._kid(fake)
-        out["is_mean"], out["is_std"] = self._is(torch.from_numpy(logits).to(torch.float64))
+            size = min(self.kid_subset_size, len(self.real_features), n)
+            out["kid_mean"], out["kid_std"] = self._kid(fake, size)
+            out.update(kid_subsets=self.kid_subsets, kid_subset_size=size)  # the protocol as it ran
+        splits = min(self.is_splits, n)
+        out["is_mean"], out["is_std"] = self._is(torch.from_numpy(logits).to(torch.float64), splits)
+        out["is_splits"] = splits
         out.update(label=self.net.metric_label, feature_net=self.net.name, num_fake=n,
                    num_real=int(self.real_stats.n))
         return out
@@ -241,10 +246,9 @@ class QualityMetrics:
         metric.update(fake, real=False)
         return float(metric.compute())
 
-    def _kid(self, fake: torch.Tensor) -> tuple[float, float]:
+    def _kid(self, fake: torch.Tensor, size: int) -> tuple[float, float]:
         from torchmetrics.image.kid import KernelInceptionDistance
 
-        size = min(self.kid_subset_size, len(self.real_features), len(fake))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
             metric = KernelInceptionDistance(feature=_Passthrough(fake.shape[1]), subsets=self.kid_subsets,
@@ -256,10 +260,9 @@ class QualityMetrics:
             mean, std = metric.compute()
         return float(mean), float(std)
 
-    def _is(self, logits: torch.Tensor) -> tuple[float, float]:
+    def _is(self, logits: torch.Tensor, splits: int) -> tuple[float, float]:
         from torchmetrics.image.inception import InceptionScore
 
-        splits = min(self.is_splits, len(logits))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
             # normalize=False: InceptionScore would otherwise cast inputs to bytes even for a custom module
