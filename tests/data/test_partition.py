@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -55,6 +57,22 @@ def test_dirichlet_impossible_min_size_is_clear():
         dirichlet(LABELS, 20, seed=0, min_samples=60)
 
 
+@pytest.mark.parametrize("num_clients", [3, 5, 10])
+def test_dirichlet_tiny_alpha_is_well_defined(num_clients):
+    # alpha=0.001 puts (nearly) all of a class's mass on one client; when that client is already
+    # full the proportions used to be 0/0 = NaN and the class went to a client beyond its cap
+    cap = len(LABELS) / num_clients
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for seed in range(5):
+            parts = dirichlet(LABELS, num_clients, seed=seed, alpha=0.001, min_samples=1)
+            assert_exact_cover(parts, 1000)
+            hist = label_histograms(LABELS, parts, 10)
+            # classes are dealt in order 0..9: a client holding >= N/K samples gets no later class
+            held_before = np.cumsum(hist, 1) - hist
+            assert not ((held_before >= cap) & (hist > 0)).any(), (seed, hist)
+
+
 def test_quantity_sizes_skewed_labels_mixed():
     parts = quantity(LABELS, 5, seed=0, alpha=0.5, min_samples=10)
     assert_exact_cover(parts, 1000)
@@ -81,6 +99,18 @@ def test_pathological_fedphd_rule_hand_computed():
         assert set(np.flatnonzero(hist[client])) == {g, g + 5}
         assert hist[client, g] == 10 and hist[client, g + 5] == 10
     assert_exact_cover(parts, 400)
+
+
+def test_pathological_warns_about_unused_classes():
+    with pytest.warns(UserWarning, match=r"leaves 700 of 1000 samples unused: no client drew classes "
+                      r"\[3, 4, 5, 6, 7, 8, 9\]"):
+        parts = pathological(LABELS, 3, seed=0, classes_per_client=1)
+    assert [np.unique(LABELS[p]).tolist() for p in parts] == [[0], [1], [2]]
+    assert [len(p) for p in parts] == [100, 100, 100]  # behaviour kept: whole classes, nothing else
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every class drawn: no warning
+        assert_exact_cover(pathological(LABELS, 10, seed=0, classes_per_client=2), 1000)
+        assert_exact_cover(pathological(LABELS, 5, seed=0, classes_per_client=2, shard_rule="fedphd"), 1000)
 
 
 def test_pathological_bad_k():

@@ -60,6 +60,32 @@ def test_cifar10_python_batches(tmp_path):
     assert len(load_dataset("cifar10", str(tmp_path), "test")) == 4
 
 
+def _cifar_python_folder(tmp_path, override):
+    """Train batches 1..5 of 4 images each; ``override`` replaces keys of data_batch_3."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for i in range(1, 6):
+        batch = _cifar_batch(folder / f"data_batch_{i}", 4, i)
+        if i == 3:
+            batch.update(override)
+            (folder / "data_batch_3").write_bytes(pickle.dumps(batch))
+    return folder
+
+
+@pytest.mark.parametrize("override, match", [
+    ({b"data": np.zeros((4, 3000), np.uint8)}, r"data_batch_3: data is uint8 of shape \(4, 3000\); expected N >= 1"),
+    ({b"data": np.zeros(4 * 3072, np.uint8)}, r"data_batch_3: data is uint8 of shape \(12288,\)"),
+    ({b"data": np.full((4, 3072), 300, np.int64)}, r"data_batch_3: data is int64 .*3x32x32 uint8"),
+    ({b"labels": [1, 2, 3]}, r"data_batch_3: labels are int64 of shape \(3,\); expected 4 integers"),
+    ({b"labels": [1, 2, 10, 3]}, r"data_batch_3: label 10 at record 2 is outside 0\.\.9"),
+    ({b"labels": [1, -1, 0, 3]}, r"data_batch_3: label -1 at record 1 is outside 0\.\.9"),
+], ids=["short-rows", "flat", "not-bytes", "labels-short", "label-10", "label-neg"])  # fmt: skip
+def test_cifar10_python_malformed_batch_names_file(tmp_path, override, match):
+    _cifar_python_folder(tmp_path, override)
+    with pytest.raises(DatasetError, match=match):
+        load_dataset("cifar10", str(tmp_path), "train")
+
+
 def test_cifar10_refuses_code_in_pickles(tmp_path):
     class Evil:
         def __reduce__(self):
@@ -85,6 +111,52 @@ def test_cifar10_binary_and_missing(tmp_path):
     assert d.images.shape == (10, 3, 32, 32) and d.labels[:2].tolist() == [3, 7] and d.images[1].min() == 255
     with pytest.raises(DatasetError, match="cifar-10-batches-py/ .*data_batch_1"):
         load_dataset("cifar10", str(tmp_path / "empty"), "train")
+
+
+def test_cifar10_binary_malformed_names_file(tmp_path):
+    folder = tmp_path / "cifar-10-batches-bin"
+    folder.mkdir()
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)]:
+        np.zeros((2, 3073), np.uint8).tofile(folder / name)
+    rec = np.zeros((3, 3073), np.uint8)
+    rec[:, 0] = [1, 12, 2]
+    rec.tofile(folder / "data_batch_4.bin")
+    with pytest.raises(DatasetError, match=r"data_batch_4\.bin: label 12 at record 1 is outside 0\.\.9"):
+        load_dataset("cifar10", str(tmp_path), "train")
+    (folder / "data_batch_4.bin").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"data_batch_4\.bin: size 0 is not a positive multiple of 3073"):
+        load_dataset("cifar10", str(tmp_path), "train")
+
+
+def test_fashion_mnist_label_out_of_range_names_file(tmp_path, fmnist_dir):
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (tmp_path / name).write_bytes((fmnist_dir / name).read_bytes())
+    labels = read_idx(tmp_path / "train-labels-idx1-ubyte.gz").copy()
+    labels[7] = 10
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
+    with pytest.raises(DatasetError, match=r"train-labels-idx1-ubyte\.gz: label 10 at record 7 is outside 0\.\.9"):
+        load_dataset("fashion-mnist", str(tmp_path), "train")
+
+
+def _image_classes(root, arrays_by_class):
+    from PIL import Image
+
+    for c, arrays in arrays_by_class.items():
+        (root / c).mkdir(parents=True)
+        for i, a in enumerate(arrays):
+            Image.fromarray(a).save(root / c / f"{i}.png")
+
+
+def test_image_folder_mode_from_all_files(tmp_path):
+    gray, rgb = np.full((8, 8), 90, np.uint8), np.full((8, 8, 3), (10, 20, 30), np.uint8)
+    # the first file (a/0.png) is grayscale, the rest RGB: the dataset is RGB
+    _image_classes(tmp_path / "mixed", {"a": [gray, rgb], "b": [rgb]})
+    d = load_dataset("image-folder", str(tmp_path / "mixed"), "train")
+    assert d.images.shape == (3, 3, 8, 8)
+    assert d.images[0, :, 0, 0].tolist() == [90, 90, 90] and d.images[1, :, 0, 0].tolist() == [10, 20, 30]
+    _image_classes(tmp_path / "gray", {"a": [gray, gray], "b": [gray]})
+    d = load_dataset("image-folder", str(tmp_path / "gray"), "train")
+    assert d.images.shape == (3, 1, 8, 8) and int(d.images[2, 0, 0, 0]) == 90
 
 
 def test_image_folder(tmp_path):
@@ -156,4 +228,30 @@ def test_celeba_official_layout_labels_crop_and_resize(tmp_path):
     assert load_dataset("celeba", str(tmp_path), "test", 16).labels.tolist() == [2]
     (tmp_path / "list_attr_celeba.txt").unlink()
     with pytest.raises(DatasetError, match="list_attr_celeba.txt"):
+        load_dataset("celeba", str(tmp_path), "train")
+
+
+def _celeba_files(root, header="5_o_Clock_Shadow Male Young", rows=("000001.jpg -1 1 1",),
+                  partition="000001.jpg 0\n"):
+    (root / "img_align_celeba").mkdir()
+    (root / "list_attr_celeba.txt").write_text(f"{len(rows)}\n{header}\n" + "\n".join(rows) + "\n")
+    (root / "list_eval_partition.txt").write_text(partition)
+
+
+def test_celeba_attribute_file_without_male_column(tmp_path):
+    _celeba_files(tmp_path, header="5_o_Clock_Shadow Smiling Young")
+    with pytest.raises(DatasetError, match=r"list_attr_celeba\.txt: no Male column in the header"):
+        load_dataset("celeba", str(tmp_path), "train")
+
+
+def test_celeba_attribute_row_with_wrong_column_count(tmp_path):
+    _celeba_files(tmp_path, rows=("000001.jpg -1 1 1", "000002.jpg -1 1"))
+    with pytest.raises(DatasetError, match=r"list_attr_celeba\.txt:4: 3 columns, expected the file name and 3"):
+        load_dataset("celeba", str(tmp_path), "train")
+
+
+@pytest.mark.parametrize("bad", ["000002.jpg 3", "000002.jpg", "000002.jpg 0 extra"])
+def test_celeba_bad_partition_line_names_file_and_line(tmp_path, bad):
+    _celeba_files(tmp_path, partition=f"000001.jpg 0\n\n{bad}\n")
+    with pytest.raises(DatasetError, match=r"list_eval_partition\.txt:3: expected '<file> <0\|1\|2>'"):
         load_dataset("celeba", str(tmp_path), "train")

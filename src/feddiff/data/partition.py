@@ -12,6 +12,7 @@ Study", ICDE 2022) for Dirichlet label skew, #C=k label skew and Dirichlet quant
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -66,8 +67,13 @@ def dirichlet(
             idx = np.flatnonzero(labels == c)
             rng.shuffle(idx)
             p = rng.dirichlet(np.full(num_clients, alpha))
-            p = p * np.array([len(part) < n / num_clients for part in parts])
-            p = p / p.sum()
+            open_ = np.array([len(part) < n / num_clients for part in parts])
+            p = p * open_
+            # A tiny alpha can put all the mass on full clients (or underflow to zeros): split the
+            # class evenly over the clients still under N/num_clients instead of dividing 0/0.
+            # Some client is always open while samples remain, since the full ones hold < N.
+            total = p.sum()
+            p = p / total if total > 0 else open_ / open_.sum()
             cuts = (np.cumsum(p) * len(idx)).astype(int)[:-1]
             for part, chunk in zip(parts, np.split(idx, cuts)):
                 part.extend(chunk.tolist())
@@ -107,7 +113,8 @@ def pathological(
     """Each client holds samples of ``classes_per_client`` classes only.
 
     ``shard_rule="random"`` (NIID-Bench #C=k): client i takes class i mod C plus k-1 distinct random
-    classes; each class is split evenly over the clients that hold it. Classes nobody drew stay unused.
+    classes; each class is split evenly over the clients that hold it. Classes nobody drew stay unused
+    (always some when num_clients*classes_per_client < classes), and a ``UserWarning`` says which.
 
     ``shard_rule="fedphd"`` (FedPhD's code): each class is cut into s = N*k/C shards and shard j of
     class i goes to client (s*i + j) mod N. Deterministic apart from the shuffle within a class.
@@ -134,7 +141,7 @@ def pathological(
             for j, chunk in enumerate(np.array_split(idx, shards)):
                 parts[(shards * i + j) % num_clients].extend(chunk.tolist())
     elif shard_rule == "random":
-        held = []
+        held, unused = [], []
         for i in range(num_clients):
             mine = [i % num_classes]
             while len(mine) < k:
@@ -145,11 +152,21 @@ def pathological(
         for ci, c in enumerate(classes):
             owners = [i for i in range(num_clients) if ci in held[i]]
             if not owners:
+                unused.append(c)
                 continue
             idx = np.flatnonzero(labels == c)
             rng.shuffle(idx)
             for owner, chunk in zip(owners, np.array_split(idx, len(owners))):
                 parts[owner].extend(chunk.tolist())
+        if unused:
+            dropped = int(np.isin(labels, unused).sum())
+            warnings.warn(
+                f"pathological(classes_per_client={k}, shard_rule='random') with {num_clients} clients "
+                f"leaves {dropped} of {len(labels)} samples unused: no client drew classes "
+                f"{[x.item() for x in unused]}; raise num_clients or classes_per_client to use all "
+                f"{num_classes} classes",
+                stacklevel=2,
+            )
     else:
         raise PartitionError(f"unknown shard_rule {shard_rule!r}; choose from ['fedphd', 'random']")
     empty = [i for i, p in enumerate(parts) if not p]

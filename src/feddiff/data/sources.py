@@ -29,6 +29,8 @@ CIFAR10_CLASSES = [
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 ]  # fmt: skip
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+# PIL modes with one luminance channel (alpha dropped); any other mode is read as RGB
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
 class DatasetError(FileNotFoundError):
@@ -75,6 +77,15 @@ def _find(root: Path, stem: str, dataset: str, expected: list[str]) -> Path:
     )
 
 
+def _check_labels(path: Path, labels: np.ndarray, num_classes: int) -> None:
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        raise DatasetError(
+            f"{path}: label {labels[bad[0]].item()} at record {bad[0].item()} is outside 0..{num_classes - 1} "
+            f"({bad.size} such labels)"
+        )
+
+
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (the MNIST format): magic 0x0000TTDD, DD big-endian uint32 dims, data."""
     raw = path.read_bytes()
@@ -108,11 +119,13 @@ def load_fashion_mnist(root: str, split: str, size: int | None = None) -> ImageD
             "(install Debian's dataset-fashion-mnist package, or set data.root)"
         )
     images = read_idx(_find(base, f"{prefix}-images-idx3-ubyte", "fashion-mnist", expected))
-    labels = read_idx(_find(base, f"{prefix}-labels-idx1-ubyte", "fashion-mnist", expected))
+    labels_path = _find(base, f"{prefix}-labels-idx1-ubyte", "fashion-mnist", expected)
+    labels = read_idx(labels_path)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DatasetError(
             f"fashion-mnist in {base}: images {images.shape} and labels {labels.shape} do not match"
         )
+    _check_labels(labels_path, labels, len(FASHION_MNIST_CLASSES))
     return ImageData(
         "fashion-mnist", split, torch.from_numpy(images.copy()).unsqueeze(1),
         torch.from_numpy(labels.astype(np.int64)), FASHION_MNIST_CLASSES,
@@ -147,10 +160,24 @@ def _cifar_python(folder: Path, files: list[str]) -> tuple[np.ndarray, np.ndarra
             with path.open("rb") as fh:
                 batch = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
             data, labels = batch[b"data"], batch[b"labels"]
-        except (pickle.UnpicklingError, KeyError, EOFError, TypeError) as err:
+            data, labels = np.asarray(data), np.asarray(labels)
+        except (pickle.UnpicklingError, KeyError, EOFError, TypeError, ValueError) as err:
             raise DatasetError(f"{path}: not a CIFAR-10 python batch ({err})") from None
-        xs.append(np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(labels, dtype=np.int64))
+        if (data.ndim != 2 or data.shape[0] == 0 or data.shape[1] != 3072
+                or not np.issubdtype(data.dtype, np.integer)
+                or (data.dtype != np.uint8 and (data.min() < 0 or data.max() > 255))):
+            raise DatasetError(
+                f"{path}: data is {data.dtype} of shape {data.shape}; expected N >= 1 rows of 3072 "
+                "bytes (3x32x32 uint8 images)"
+            )
+        if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
+            raise DatasetError(
+                f"{path}: labels are {labels.dtype} of shape {labels.shape}; expected {len(data)} "
+                "integers, one per data row"
+            )
+        _check_labels(path, labels, len(CIFAR10_CLASSES))
+        xs.append(data.astype(np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(labels.astype(np.int64))
     return np.concatenate(xs), np.concatenate(ys)
 
 
@@ -161,9 +188,13 @@ def _cifar_binary(folder: Path, files: list[str]) -> tuple[np.ndarray, np.ndarra
         if not path.is_file():
             raise DatasetError(f"cifar10: missing {path}; expected data_batch_1..5.bin and test_batch.bin in {folder}")
         raw = np.fromfile(path, dtype=np.uint8)
-        if raw.size % 3073:
-            raise DatasetError(f"{path}: size {raw.size} is not a multiple of 3073-byte records")
+        if raw.size == 0 or raw.size % 3073:
+            raise DatasetError(
+                f"{path}: size {raw.size} is not a positive multiple of 3073-byte records "
+                "(1 label byte + 3x32x32 image bytes)"
+            )
         rec = raw.reshape(-1, 3073)
+        _check_labels(path, rec[:, 0], len(CIFAR10_CLASSES))
         ys.append(rec[:, 0].astype(np.int64))
         xs.append(rec[:, 1:].reshape(-1, 3, 32, 32))
     return np.concatenate(xs), np.concatenate(ys)
@@ -210,6 +241,17 @@ def _read_image(path: Path, mode: str, crop: int | None = None, size: int | None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
+def _image_mode(path: Path) -> str:
+    """The PIL mode of an image file, from its header (the pixels are not decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.mode
+    except (UnidentifiedImageError, OSError) as err:
+        raise DatasetError(f"{path}: cannot read image ({err})") from None
+
+
 def load_image_folder(root: str, split: str, size: int | None = None) -> ImageData:
     if not root:
         raise DatasetError("image-folder: set data.root to a folder of <class>/<image> files")
@@ -224,10 +266,8 @@ def load_image_folder(root: str, split: str, size: int | None = None) -> ImageDa
              if p.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise DatasetError(f"image-folder: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}/<class>/")
-    from PIL import Image
-
-    with Image.open(files[0][0]) as first:
-        mode = "L" if first.mode in ("L", "1", "I;16") else "RGB"
+    # one grayscale file in an RGB folder must not turn the whole dataset gray
+    mode = "L" if all(_image_mode(p) in GRAY_MODES for p, _ in files) else "RGB"
     arrays = [_read_image(p, mode, size=size) for p, _ in files]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
@@ -248,14 +288,31 @@ def load_celeba(root: str, split: str, size: int | None = None) -> ImageData:
     missing = [str(p) for p in need if not p.exists()]
     if missing:
         raise DatasetError(f"celeba: missing {', '.join(missing)}; expected the official aligned release in {base}")
-    part = dict(line.split() for line in need[2].read_text().split("\n") if line.strip())
+    part = {}
+    for lineno, line in enumerate(need[2].read_text().split("\n"), 1):
+        cols = line.split()
+        if not cols:
+            continue
+        if len(cols) != 2 or cols[1] not in ("0", "1", "2"):
+            raise DatasetError(f"{need[2]}:{lineno}: expected '<file> <0|1|2>', got {line.strip()[:80]!r}")
+        part[cols[0]] = cols[1]
     lines = need[1].read_text().split("\n")
-    header = lines[1].split()
+    header = lines[1].split() if len(lines) > 1 else []
+    absent = [a for a in ("Male", "Young") if a not in header]
+    if absent:
+        raise DatasetError(
+            f"{need[1]}: no {' or '.join(absent)} column in the header (line 2); expected the official "
+            "attribute list: a count line, then the 40 attribute names, then '<file> <+-1 x 40>' rows"
+        )
     male, young = header.index("Male"), header.index("Young")
     wanted = {"train": "0", "test": "2"}[split]
     names, labels = [], []
-    for line in lines[2:]:
+    for lineno, line in enumerate(lines[2:], 3):
         cols = line.split()
+        if cols and len(cols) != 1 + len(header):
+            raise DatasetError(
+                f"{need[1]}:{lineno}: {len(cols)} columns, expected the file name and {len(header)} attributes"
+            )
         if cols and part.get(cols[0]) == wanted:
             names.append(cols[0])
             labels.append(2 * (cols[1 + male] == "1") + (cols[1 + young] == "1"))
