@@ -87,6 +87,55 @@ def test_bad_key_and_missing_dataset_are_clear(tmp_path, fmnist_dir, capsys):
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())  # no empty run folder left
 
 
+def test_bad_values_are_messages_not_tracebacks(tmp_path, fmnist_dir, capsys):
+    cfg = write_config(tmp_path, fmnist_dir)
+    out = tmp_path / "r"
+    # an impossible pad is refused before any image is read
+    assert main(["run", str(cfg), "--set", 'data.resize="pad"', "--out", str(out)]) == 2
+    assert "data.resize='pad' cannot shrink fashion-mnist's 28x28 images to data.image_size=16" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main(["run", str(cfg), "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    for argv, says in ((["model-info", "tiny", "--image-size", "0"], "must be >= 8, got 0"),
+                       (["features", "train", "--dataset", "mnist"], "invalid choice: 'mnist'"),
+                       (["eval", str(tmp_path), "--num-samples", "0"], "must be >= 2, got 0")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert says in capsys.readouterr().err
+
+
+def test_sample_checks_its_flags_and_personal_checkpoints(tmp_path, fmnist_dir, capsys):
+    cfg = write_config(tmp_path, fmnist_dir, rounds=1, steps=1)
+    out = tmp_path / "runs"
+    assert main(["run", str(cfg), "--out", str(out), "--set", 'algorithm.name="udec"']) == 0
+    rd = only_run(out)
+    capsys.readouterr()
+    for argv, says in ((["--out", str(tmp_path / "g")], "--out must name a .png file"),
+                       (["--out", str(tmp_path / "g.png"), "--steps", "5000"], "--steps must be 1..1000"),
+                       (["--out", str(tmp_path / "g.png")], "choose one with --client K")):
+        assert main(["sample", str(rd), "--num", "2", *argv]) == 2
+        assert says in capsys.readouterr().err
+    # without the exported personal models, client 1's model comes from the checkpoint
+    import shutil
+
+    shutil.rmtree(rd / "models")
+    assert main(["sample", str(rd), "--num", "2", "--steps", "2", "--client", "1", "--out", str(tmp_path / "c.png")]) == 0
+    assert "checkpoint after round 1, client 1" in capsys.readouterr().out
+    assert main(["sample", str(rd), "--num", "2", "--client", "7", "--out", str(tmp_path / "c.png")]) == 2
+    assert "client 7 has no personal model after round 1; clients with one: [0, 1]" in capsys.readouterr().err
+    (rd / "config.json").write_text("{\"run\": ")  # a config cut short
+    assert main(["sample", str(rd), "--num", "2", "--out", str(tmp_path / "c.png")]) == 2
+    assert "cannot read the saved config" in capsys.readouterr().err
+
+
+def test_cli_name_lists_match_the_registries():
+    from feddiff.cli import DATASET_NAMES, PRESET_NAMES
+    from feddiff.data.sources import DATASETS
+    from feddiff.model.presets import PRESETS
+
+    assert sorted(DATASET_NAMES) == sorted(DATASETS) and sorted(PRESET_NAMES) == sorted(PRESETS)
+
+
 def test_help_explains_commands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])

@@ -96,7 +96,7 @@ def test_device_choice_and_cuda_determinism(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert pick_device("auto").type == "cpu"
-    with pytest.raises(ValueError, match="run.device='cuda' but no CUDA device is available"):
+    with pytest.raises(ConfigError, match="run.device='cuda' but no CUDA device is available"):
         pick_device("cuda")
     saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
              torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())

@@ -84,3 +84,142 @@ int8 = ["compress.uplink.codec=\\"int8\\"", "compress.uplink.mode=\\"delta\\""]
     assert [pt.name for pt in points] == ["method=iid_vanilla", "method=iid_int8"]
     assert points[1].overrides == ['partition.method="iid"', 'compress.uplink.codec="int8"', 'compress.uplink.mode="delta"']
     assert load_config(p, points[1].overrides).compress.uplink.codec == "int8"
+
+
+# -- a folder that is not a sweep, points checked before anything runs, resume settings ---------
+
+
+def _grid(cfg_text: str, grid: str) -> str:
+    return cfg_text.split("[sweep.grid]")[0] + "[sweep.grid]\n" + grid
+
+
+def test_summary_of_a_folder_that_is_not_a_sweep(tmp_path, capsys):
+    assert main(["sweep", "--summary", str(tmp_path / "nope")]) == 2
+    assert f"{tmp_path / 'nope'} is not a sweep folder (no sweep.json)" in capsys.readouterr().err
+    assert main(["sweep", "--summary", str(tmp_path)]) == 2
+    assert "is not a sweep folder (no sweep.json)" in capsys.readouterr().err
+
+
+def test_dry_run_checks_every_point(tmp_path, capsys):
+    p = tmp_path / "s.toml"
+    p.write_text(CFG.format(root=tmp_path))
+    assert main(["sweep", str(p), "--set", 'sweep.grid={"train.lrr"=[1]}', "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert "sweep point 'lrr=1'" in captured.err and "train.lrr: unknown key" in captured.err
+    assert "runs" not in captured.out
+
+    # an empty value list is an error naming the key, in a dry run and in a real one (no folder made)
+    p.write_text(_grid(CFG.format(root=tmp_path), '"algorithm.name" = ["fedavg"]\n"train.lr" = []\n'))
+    for extra in (["--dry-run"], ["--out", str(tmp_path / "out")]):
+        assert main(["sweep", str(p), *extra]) == 2
+        assert "sweep.grid key 'train.lr' has an empty list of values" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_and_summary_refuse_other_settings(tmp_path, capsys):
+    p = tmp_path / "s.toml"
+    p.write_text(CFG.format(root=tmp_path))
+    for argv, named in ((["--resume", str(tmp_path), "--set", "run.seed=4"], "--set"),
+                        (["--resume", str(tmp_path), "--out", str(tmp_path)], "--out"),
+                        (["--resume", str(tmp_path), str(p)], "CONFIG"),
+                        (["--summary", str(tmp_path), "--set", "run.seed=4"], "--set")):
+        assert main(["sweep", *argv]) == 2
+        err = capsys.readouterr().err
+        assert f"SWEEP_DIR takes no {named}" in err
+    assert main(["sweep", "--resume", str(tmp_path), "--set", "run.seed=4"]) == 2
+    assert "resumes with the settings it started with" in capsys.readouterr().err
+
+
+def test_resume_needs_neither_the_config_file_nor_the_folder(tmp_path, fmnist_dir, capsys, monkeypatch):
+    start = tmp_path / "start"
+    start.mkdir()
+    (start / "s.toml").write_text(_grid(CFG.format(root=fmnist_dir), '"algorithm.name" = ["fedavg", "udec"]\n'))
+    monkeypatch.chdir(start)
+    assert main(["sweep", "s.toml", "--set", "train.lr=2e-3", "--out", str(tmp_path / "out")]) == 0
+    folder = next((tmp_path / "out").iterdir())
+    spec = json.loads((folder / "sweep.json").read_text())
+    assert spec["base"]["run"]["name"] == "s" and spec["overrides"] == ["train.lr=2e-3"]
+
+    # the TOML file changes (here: is gone) and the resume runs elsewhere: same settings as the start
+    import shutil
+
+    (start / "s.toml").unlink()
+    monkeypatch.chdir(tmp_path)
+    shutil.rmtree(folder / "algorithm=udec")
+    capsys.readouterr()
+    assert main(["sweep", "--resume", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "[1/2] algorithm=fedavg: done" in out and "[2/2] algorithm=udec: new" in out
+    cfg = json.loads((folder / "algorithm=udec" / "config.json").read_text())
+    assert cfg["train"]["lr"] == 2e-3 and cfg["algorithm"]["name"] == "udec" and cfg["run"]["name"] == "s"
+
+    # an older sweep.json holds only the config path as given: still read, from the folder it names
+    del spec["base"]
+    (folder / "sweep.json").write_text(json.dumps(spec))
+    assert main(["sweep", "--resume", str(folder)]) == 2
+    assert "names the config 's.toml' only" in capsys.readouterr().err
+    (start / "s.toml").write_text(_grid(CFG.format(root=fmnist_dir), '"algorithm.name" = ["fedavg", "udec"]\n'))
+    monkeypatch.chdir(start)
+    assert main(["sweep", "--resume", str(folder)]) == 0
+    assert "[2/2] algorithm=udec: done" in capsys.readouterr().out
+
+
+# -- folder names, baselines, the point column ----------------------------------------------------
+
+
+def test_point_names_are_safe_and_unique(tmp_path):
+    from feddiff.sweep import safe_name
+
+    p = tmp_path / "s.toml"
+    p.write_text(_grid(CFG.format(root=tmp_path),
+                       '"data.root" = ["/data/fm", "data fm", "/data/fm", "DATA-FM"]\n'
+                       '"model.block_out_channels" = [[32, 64]]\n'))
+    names = [pt.name for pt in expand(load_config(p))]
+    assert names == ["root=-data-fm_block_out_channels=[32,64]", "root=data-fm_block_out_channels=[32,64]",
+                     "root=-data-fm_block_out_channels=[32,64]-2", "root=DATA-FM_block_out_channels=[32,64]-2"]
+    assert all("/" not in n and " " not in n for n in names)
+    # ordinary values keep their names (existing sweep folders resume by them)
+    for name in ("method=iid_algorithm=fedavg", "lr=0.001_seed=3", "alpha=1e-05_int8", "mu=-1.5"):
+        assert safe_name(name) == name
+    assert safe_name("..") == "point" and safe_name("../x") == "-x"
+    long = safe_name("root=" + "a" * 300)
+    assert len(long) == 150 and long != safe_name("root=" + "a" * 299)
+
+
+def _row(name, algorithm, total, seed=0):
+    return {"name": name, "algorithm": algorithm, "split": "iid", "clients": 2, "seed": seed,
+            "rounds": 1, "bytes_total": total}
+
+
+def test_compare_baseline_matches_the_other_grid_keys():
+    from feddiff.report import compare
+    from feddiff.sweep import point_settings
+
+    rows = [_row("lr=1_fedavg", "fedavg", 100), _row("lr=1_udec", "udec", 50),
+            _row("lr=2_fedavg", "fedavg", 200), _row("lr=2_udec", "udec", 50)]
+    overrides = {"lr=1_fedavg": ["train.lr=1", 'algorithm.name="fedavg"'],
+                 "lr=1_udec": ["train.lr=1", 'algorithm.name="udec"'],
+                 "lr=2_fedavg": ["train.lr=2", 'algorithm.name="fedavg"'],
+                 "lr=2_udec": ["train.lr=2", 'algorithm.name="udec"']}
+    out = {r["name"]: r for r in compare(rows, settings={k: point_settings(v) for k, v in overrides.items()})}
+    assert out["lr=1_udec"]["savings"] == 0.5 and out["lr=1_udec"]["baseline"] == "lr=1_fedavg"
+    assert out["lr=2_udec"]["savings"] == 0.75 and out["lr=2_udec"]["baseline"] == "lr=2_fedavg"
+    assert out["lr=2_fedavg"]["savings"] == 0.0
+
+    # without settings (or without a match), the group's first FedAvg row
+    rows = compare([_row("a", "fedavg", 100), _row("b", "fedavg", 200), _row("c", "udec", 50),
+                    _row("d", "udec", 50, seed=1)])
+    assert rows[2]["baseline"] == "a" and rows[2]["savings"] == 0.5
+    assert "savings" not in rows[3]  # no FedAvg run with that seed
+
+
+def test_summary_table_shows_the_point_name():
+    from rich.console import Console
+
+    from feddiff.report import compare, table
+
+    rows = compare([_row("lr=1_fedavg", "fedavg", 100), _row("lr=[2]_fedavg", "fedavg", 100)])
+    console = Console(record=True, width=200)
+    console.print(table(rows, "sweep"))
+    text = console.export_text()
+    assert "point" in text and "lr=1_fedavg" in text and "lr=[2]_fedavg" in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 HELP = """\
@@ -25,6 +26,26 @@ def _add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable); VALUE is read as TOML, "
                         "e.g. 1e-3, true, \"iid\", [32, 64]")
+
+
+# kept in step with feddiff.data.sources.DATASETS and feddiff.model.presets.PRESETS by a test
+# (importing them here would load torch for every --help)
+DATASET_NAMES = ("fashion-mnist", "cifar10", "celeba", "image-folder")
+PRESET_NAMES = ("tiny", "small", "fmnist", "cifar10-ddpm")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,25 +79,27 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Results are appended to RUN_DIR/evals.jsonl.")
     p.add_argument("run_dir", help="a run folder")
     p.add_argument("--round", type=int, default=None, help="the checkpoint of this round (default: the newest)")
-    p.add_argument("--num-samples", type=int, required=True, help="generated images per model for FD/KID/IS")
+    p.add_argument("--num-samples", type=_int_at_least(2), required=True,
+                   help="generated images per model for FD/KID/IS (at least 2)")
     p.add_argument("--feature-net", choices=["domain", "inception"], default=None,
                    help="domain: FD-domain (offline default); inception: FID (needs the local weights file)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None)
-    p.add_argument("--steps", type=int, default=None, help="sampler steps")
+    p.add_argument("--steps", type=_int_at_least(0), default=None, help="sampler steps (0: all T for DDPM)")
     p.add_argument("--reference-split", choices=["train", "test"], default=None)
     p.add_argument("--federated-reference", action="store_true",
                    help="reference statistics as sums computed by each client on its own images")
-    p.add_argument("--grid", type=int, default=0, help="also save a grid of this many samples (default 0)")
+    p.add_argument("--grid", type=_int_at_least(0), default=0,
+                   help="also save a grid of this many samples (default 0)")
     _add_set(p)
 
     p = sub.add_parser("features", help="train the offline domain feature network for FD-domain",
                        description="Train (once; then cached) the small classifier whose penultimate features give "
                                    "FD-domain / KID-domain, and print its test accuracy.")
     p.add_argument("action", choices=["train"], help="train")
-    p.add_argument("--dataset", required=True, help="fashion-mnist | cifar10 | celeba | image-folder")
+    p.add_argument("--dataset", required=True, choices=DATASET_NAMES, help=" | ".join(DATASET_NAMES))
     p.add_argument("--root", default="", help="dataset folder (default: the dataset's default location)")
     p.add_argument("--seed", type=int, default=None, help="seed (default 0, the one runs use)")
-    p.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
+    p.add_argument("--epochs", type=_int_at_least(1), default=3, help="training epochs (default 3)")
     p.add_argument("--cache-dir", default=None, help="default: $FEDDIFF_CACHE or ~/.cache/feddiff")
     p.add_argument("--retrain", action="store_true", help="train again even when cached")
 
@@ -89,16 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the grid of CONFIG's [sweep] section (one run folder per point) and print a "
                                    "summary table with communication savings against FedAvg (FULL).")
     p.add_argument("config", nargs="?", help="TOML config with a [sweep.grid] table")
-    p.add_argument("--resume", metavar="SWEEP_DIR", help="continue a sweep: skip finished points, resume the rest")
+    p.add_argument("--resume", metavar="SWEEP_DIR",
+                   help="continue a sweep: skip finished points, resume the rest (with the config and --set values "
+                        "saved in SWEEP_DIR/sweep.json; takes no CONFIG, --set or --out)")
     p.add_argument("--summary", metavar="SWEEP_DIR", help="only print (and save) the summary of a sweep folder")
     p.add_argument("--out", metavar="DIR", help="folder for the sweep folder (default: run.out_dir)")
-    p.add_argument("--dry-run", action="store_true", help="list the points and exit")
+    p.add_argument("--dry-run", action="store_true", help="check every point's config, list the points and exit")
     _add_set(p)
 
     p = sub.add_parser("model-info", help="parameters, MACs and parameter-group shares of a model preset")
-    p.add_argument("preset", help="tiny | small | fmnist | cifar10-ddpm")
-    p.add_argument("--image-size", type=int, default=32, help="resolution for MACs (default 32)")
-    p.add_argument("--channels", type=int, default=None, help="image channels (default: 3 for cifar10-ddpm, else 1)")
+    p.add_argument("preset", choices=PRESET_NAMES, help=" | ".join(PRESET_NAMES))
+    p.add_argument("--image-size", type=_int_at_least(8), default=32, help="resolution for MACs (default 32)")
+    p.add_argument("--channels", type=_int_at_least(1), default=None,
+                   help="image channels (default: 3 for cifar10-ddpm, else 1)")
 
     p = sub.add_parser("config", help="print every config key with its default and description, or a resolved config")
     p.add_argument("config", nargs="?", help="a TOML config to resolve and print as JSON")
@@ -116,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args) or 0
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as err:  # bad values or files met deeper down: a message, not a traceback
+        if os.environ.get("FEDDIFF_DEBUG"):
+            raise
+        print(f"error: {err}\n(FEDDIFF_DEBUG=1 shows where it was raised)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; resume with: feddiff run --resume <run folder>", file=sys.stderr)

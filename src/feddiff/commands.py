@@ -44,49 +44,77 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
+def _sampling_model(run_dir: RunDir, cfg, client: int | None):
+    """The model to sample from and where it came from: an export, else the newest checkpoint.
+
+    Personal-model runs (UDEC/ULATDEC) need ``client``: its export, or its personal model in the
+    checkpoint with the global shared part merged in (the model it would start the next round from).
+    """
     from diffusers import UNet2DModel
 
-    from feddiff.data.transforms import make_grid, save_png, to_uint8
-    from feddiff.experiment import model_kwargs, pick_device
-    from feddiff.model.diffusion import make_scheduler, sample
+    from feddiff.algorithms import STRATEGIES
+    from feddiff.experiment import model_kwargs
+    from feddiff.model.parts import select
     from feddiff.model.presets import build_unet
+
+    shared = getattr(STRATEGIES[cfg.algorithm.name], "shared", None)  # set for personal-model algorithms
+    exported = sorted(p.name for p in (run_dir.path / "models").glob("client*"))
+    if client is not None and shared is None:
+        raise ConfigError(f"--client applies to personal-model runs (udec, ulatdec); this run is "
+                          f"{cfg.algorithm.name!r}, which trains one global model")
+    if client is not None and (run_dir.path / "models" / f"client{client}" / "unet").is_dir():
+        folder = run_dir.path / "models" / f"client{client}"
+        return UNet2DModel.from_pretrained(folder / "unet"), str(folder)
+    if client is None and (run_dir.model_path / "unet").is_dir():
+        return UNet2DModel.from_pretrained(run_dir.model_path / "unet"), str(run_dir.model_path)
+    if client is None and shared is not None:
+        have = exported or "the checkpoint's clients"
+        raise RunError(f"{run_dir.path} is a {cfg.algorithm.name} run with one model per client ({have}); "
+                       "choose one with --client K")
+    damaged: list[tuple[Path, str]] = []
+    found = run_dir.latest_checkpoint(damaged)
+    for _, reason in damaged:
+        print(f"warning: {reason}; using an older checkpoint", file=sys.stderr)
+    if found is None:
+        raise RunError(f"{run_dir.path} has neither an exported model nor a readable checkpoint")
+    rnd, tensors, _ = found
+    weights = {k.removeprefix("strategy/global/"): v for k, v in tensors.items() if k.startswith("strategy/global/")}
+    source = f"checkpoint after round {rnd}"
+    if client is not None:
+        prefix = f"client/{client}/personal/"
+        personal = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        if not personal:
+            held = sorted({int(k.split("/")[1]) for k in tensors if k.startswith("client/") and "/personal/" in k})
+            raise RunError(f"{run_dir.path}: client {client} has no personal model after round {rnd}; "
+                           f"clients with one: {held or 'none'}")
+        weights = {**personal, **select(weights, shared)}
+        source += f", client {client}"
+    model = build_unet(model_kwargs(cfg, int(weights["conv_in.weight"].shape[1])), 0)
+    model.load_state_dict(weights)
+    return model, source
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from feddiff.data.transforms import make_grid, save_png, to_uint8
+    from feddiff.experiment import pick_device
+    from feddiff.model.diffusion import make_scheduler, sample
     from feddiff.seeding import torch_generator
 
     if args.num < 1:
         raise ConfigError(f"--num must be >= 1, got {args.num}")
+    if Path(args.out).suffix.lower() != ".png" or Path(args.out).is_dir():
+        raise ConfigError(f"--out must name a .png file, got {args.out!r}")
     run_dir = RunDir.open(args.run_dir)
     cfg = load_resolved(run_dir.config_path)
-    device = pick_device(cfg.run.device)
-    personal = sorted(p.name for p in (run_dir.path / "models").glob("client*"))  # UDEC/ULATDEC exports
-    if args.client is not None:
-        folder = run_dir.path / "models" / f"client{args.client}"
-        if not (folder / "unet").is_dir():
-            raise RunError(f"{run_dir.path} has no personal model of client {args.client}; it has {personal or 'none'}")
-        model = UNet2DModel.from_pretrained(folder / "unet")
-        source = str(folder)
-    elif (run_dir.model_path / "unet").is_dir():
-        model = UNet2DModel.from_pretrained(run_dir.model_path / "unet")
-        source = str(run_dir.model_path)
-    elif personal:
-        raise RunError(f"{run_dir.path} holds personal models ({', '.join(personal)}); choose one with --client K")
-    else:
-        damaged: list[tuple[Path, str]] = []
-        found = run_dir.latest_checkpoint(damaged)
-        for _, reason in damaged:
-            print(f"warning: {reason}; using an older checkpoint", file=sys.stderr)
-        if found is None:
-            raise RunError(f"{run_dir.path} has neither a final model nor a readable checkpoint")
-        rnd, tensors, _ = found
-        channels = int(tensors["strategy/global/conv_in.weight"].shape[1])
-        model = build_unet(model_kwargs(cfg, channels), 0)
-        model.load_state_dict({k.removeprefix("strategy/global/"): v for k, v in tensors.items()
-                               if k.startswith("strategy/global/")})
-        source = f"checkpoint after round {rnd}"
-    model.to(device)
     d = cfg.diffusion
-    sched = make_scheduler(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end)
     steps = cfg.eval.num_inference_steps if args.steps is None else args.steps
+    if not 0 <= steps <= d.num_train_timesteps:
+        raise ConfigError(f"--steps must be 1..{d.num_train_timesteps} (the training timesteps), or 0 for all of "
+                          f"them; got {steps}")
+    device = pick_device(cfg.run.device)
+    model, source = _sampling_model(run_dir, cfg, args.client)
+    model.to(device)
+    sched = make_scheduler(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end)
     images = sample(model, sched, args.num, torch_generator(device, args.seed, "sample-cli"),
                     args.sampler or cfg.eval.sampler, steps, cfg.eval.timestep_spacing)
     out = save_png(make_grid(to_uint8(images).cpu()), args.out, scale=max(1, -(-64 // images.shape[-1])))
@@ -96,11 +124,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_partition(args: argparse.Namespace) -> int:
     from feddiff.data.partition import label_histograms
-    from feddiff.data.sources import load_dataset
-    from feddiff.experiment import partition_train
+    from feddiff.experiment import load_split, partition_train
 
     cfg = load_config(args.config, args.overrides)
-    train = load_dataset(cfg.data.dataset, cfg.data.root, "train")
+    train = load_split(cfg, "train")  # as `feddiff run` reads it
     labels = train.labels.numpy()
     _, parts = partition_train(cfg, labels)
     hist = label_histograms(labels, parts, train.num_classes)
@@ -167,9 +194,18 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from feddiff.report import compare, summarize_run, table
     from feddiff.runs import atomic_write_json
-    from feddiff.sweep import expand, run_sweep, sweep_runs
+    from feddiff.sweep import plan, point_settings, run_sweep, sweep_runs
 
     console = _console()
+    if args.summary or args.resume:
+        flag = "--summary" if args.summary else "--resume"
+        extra = [name for name, given in (("CONFIG", args.config), ("--set", args.overrides), ("--out", args.out),
+                                          ("--dry-run", args.dry_run), ("--resume", args.summary and args.resume))
+                 if given]
+        if extra:
+            why = ("a summary only reads SWEEP_DIR" if args.summary
+                   else "a sweep resumes with the settings it started with, saved in SWEEP_DIR/sweep.json")
+            raise ConfigError(f"{flag} SWEEP_DIR takes no {', '.join(extra)}: {why}")
     if args.summary:
         folder = Path(args.summary)
     elif args.resume:
@@ -177,19 +213,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     else:
         if not args.config:
             raise ConfigError("feddiff sweep needs a CONFIG with a [sweep] grid (or --resume / --summary SWEEP_DIR)")
-        cfg = load_config(args.config, args.overrides)
-        points = expand(cfg)
-        if not cfg.sweep.grid and not cfg.sweep.variants:
-            raise ConfigError(f"{args.config} has no [sweep.grid] or [sweep.variants]; add e.g. "
-                              "\"algorithm.name\" = [\"fedavg\", \"udec\"] under [sweep.grid]")
         if args.dry_run:
+            _, _, points, _ = plan(args.config, args.overrides)  # every point's config is checked first
             for p in points:
-                console.print(f"{p.name}: {' '.join(p.overrides)}")
+                console.print(escape(f"{p.name}: {' '.join(p.overrides)}"))
             console.print(f"{len(points)} runs")
             return 0
         folder = run_sweep(args.config, args.overrides, args.out)
-    started = [(name, path) for name, _, path in sweep_runs(folder) if (path / "config.json").exists()]
-    rows = compare([summarize_run(path, name) for name, path in started])
+    points = sweep_runs(folder)
+    started = [(name, path) for name, _, path in points if (path / "config.json").exists()]
+    rows = compare([summarize_run(path, name) for name, path in started],
+                   settings={name: point_settings(overrides) for name, overrides, _ in points})
     atomic_write_json(folder / "summary.json", rows)
     console.print(table(rows, f"sweep {folder}"))
     return 0

@@ -7,6 +7,7 @@ as ``config.json`` in every run folder and is what ``--resume`` reads back.
 
 from __future__ import annotations
 
+import copy
 import json
 import tomllib
 from pathlib import Path
@@ -329,21 +330,23 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
         raise ConfigError(_format_errors(err, source)) from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a TOML config (or only defaults when ``path`` is None) and apply ``section.key=value`` overrides."""
-    raw: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{p}: not valid TOML: {err}") from None
-        source = str(p)
-        if not raw.get("run", {}).get("name"):
-            raw.setdefault("run", {})["name"] = p.stem
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A config file's tables, unvalidated; ``run.name`` defaults to the file's stem."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{p}: not valid TOML: {err}") from None
+    if not raw.get("run", {}).get("name"):
+        raw.setdefault("run", {})["name"] = p.stem
+    return raw
+
+
+def config_from_tables(raw: dict[str, Any], overrides: list[str] = (), source: str = "defaults") -> Config:
+    """Validate tables (from ``read_toml``, or saved) after applying ``section.key=value`` overrides."""
+    raw = copy.deepcopy(raw)
     for text in overrides:
         key, value = parse_override(text)
         _set_path(raw, key, value)
@@ -352,10 +355,20 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return config_from_dict(raw, source)
 
 
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a TOML config (or only defaults when ``path`` is None) and apply ``section.key=value`` overrides."""
+    if path is None:
+        return config_from_tables({}, overrides)
+    return config_from_tables(read_toml(path), overrides, str(path))
+
+
 def load_resolved(path: str | Path) -> Config:
     """Read back the ``config.json`` a run saved."""
     p = Path(path)
-    raw = json.loads(p.read_text())
+    try:
+        raw = json.loads(p.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read the saved config {p}: {err}") from None
     return config_from_dict(raw, str(p))
 
 

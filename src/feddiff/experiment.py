@@ -17,7 +17,7 @@ from feddiff.client.runtime import ClientRuntime
 from feddiff.client.train import LocalTrainSpec
 from feddiff.compress.channel import LinkSpec
 from feddiff.compress.codecs import make_codec
-from feddiff.config import Config, LinkConfig
+from feddiff.config import Config, ConfigError, LinkConfig
 from feddiff.data.partition import Partition, label_histograms, make_partition, partition_hash
 from feddiff.data.sources import ImageData, load_dataset
 from feddiff.data.transforms import fit_to_size
@@ -29,7 +29,7 @@ from feddiff.seeding import derive_seed, numpy_rng
 def pick_device(name: str, deterministic: bool = True) -> torch.device:
     """The torch device for ``run.device``; on CUDA, deterministic kernels unless asked otherwise."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("run.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+        raise ConfigError("run.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
@@ -42,8 +42,18 @@ def pick_device(name: str, deterministic: bool = True) -> torch.device:
     return device
 
 
+# (height, width) of the datasets whose size is fixed, to refuse an impossible "pad" before reading
+NATIVE_SIZES = {"fashion-mnist": (28, 28), "cifar10": (32, 32), "celeba": (218, 178)}
+
+
 def load_split(cfg: Config, split: str) -> ImageData:
     """Read a split and bring it to the configured size (once, at load time)."""
+    d = cfg.data
+    native = NATIVE_SIZES.get(d.dataset)
+    if d.resize == "pad" and native and max(native) > d.image_size:
+        raise ConfigError(f"data.resize='pad' cannot shrink {d.dataset}'s {native[0]}x{native[1]} images to "
+                          f"data.image_size={d.image_size}; use resize = 'resize' or 'center-crop', or a size "
+                          f">= {max(native)}")
     # readers of image files resize as they read ("pad" keeps the native size for fit_to_size)
     hint = None if cfg.data.resize == "pad" else cfg.data.image_size
     raw = load_dataset(cfg.data.dataset, cfg.data.root, split, hint)

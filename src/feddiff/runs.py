@@ -66,6 +66,8 @@ class RunDir:
     def create(cls, out_dir: str | Path, name: str) -> RunDir:
         """A new, uniquely named folder ``<out_dir>/<name>-<timestamp>[-n]``."""
         out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            raise RunError(f"the output folder {out} is a file, not a folder; choose another --out / run.out_dir")
         out.mkdir(parents=True, exist_ok=True)
         stem = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "run"
         base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"

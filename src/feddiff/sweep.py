@@ -1,21 +1,29 @@
 """Grids of runs: ``feddiff sweep CONFIG`` runs every point of the config's ``[sweep]`` grid.
 
-A sweep folder holds ``sweep.json`` (the points and their overrides) and one run folder per
-point. Re-running with ``--resume`` skips finished points, resumes interrupted ones from their
-checkpoints and starts the rest, so a sweep killed at any moment loses at most one round.
+A sweep folder holds ``sweep.json`` (the base config's tables, the base overrides, and the points
+with their overrides) and one run folder per point. Re-running with ``--resume`` skips finished
+points, resumes interrupted ones from their checkpoints and starts the rest, so a sweep killed at
+any moment loses at most one round. A resume needs neither the original TOML file nor the folder
+the sweep was started from: the config is rebuilt from what sweep.json saved.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from feddiff.config import Config, ConfigError, load_config
+from feddiff.config import Config, ConfigError, config_from_tables, parse_override, read_toml
 from feddiff.runs import RunDir, RunError, atomic_write_json
+
+# files a sweep folder holds next to its run folders: no point may take their names
+_RESERVED = {"sweep.json", "summary.json"}
+_MAX_NAME = 150
 
 
 @dataclass
@@ -27,11 +35,50 @@ class Point:
 def _short(key: str, value: Any) -> str:
     parts = key.split(".")
     label = parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
-    return f"{label}={value}"
+    shown = json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else str(value)
+    return f"{label}={shown}"
+
+
+def safe_name(name: str) -> str:
+    """``name`` as one folder name: path separators, spaces and other characters that are unsafe in
+    file names become ``-``, a leading dot is dropped, and long names are cut (with a hash of the
+    whole). Names of letters, digits and ``._,=+-@%[]`` are kept as they are."""
+    s = re.sub(r"[^\w.,=+@%\[\]-]+", "-", name)
+    s = re.sub(r"^\.+", "", s) or "point"
+    if len(s) > _MAX_NAME:
+        s = s[: _MAX_NAME - 9] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return s
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Safe, distinct folder names (case-insensitively, for macOS and Windows file systems)."""
+    taken = set(_RESERVED)
+    out = []
+    for name in names:
+        base = candidate = safe_name(name)
+        n = 1
+        while candidate.lower() in taken:
+            n += 1
+            candidate = f"{base}-{n}"
+        taken.add(candidate.lower())
+        out.append(candidate)
+    return out
+
+
+def check_grid(cfg: Config, source: str = "the config") -> None:
+    """The sweep has points, and no grid key has an empty list of values."""
+    if not cfg.sweep.grid and not cfg.sweep.variants:
+        raise ConfigError(f"{source} has no [sweep.grid] or [sweep.variants]; add e.g. "
+                          "\"algorithm.name\" = [\"fedavg\", \"udec\"] under [sweep.grid]")
+    for key, values in cfg.sweep.grid.items():
+        if not values:
+            raise ConfigError(f"sweep.grid key {key!r} has an empty list of values; give at least one value "
+                              "(or remove the key)")
 
 
 def expand(cfg: Config) -> list[Point]:
-    """The grid's points in file order (the last key varies fastest), each variant, ``repeats`` seeds."""
+    """The grid's points in file order (the last key varies fastest), each variant, ``repeats`` seeds.
+    Names are folder-safe and distinct (see ``safe_name``)."""
     grid = cfg.sweep.grid
     keys = list(grid)
     variants = list(cfg.sweep.variants.items()) or [("", [])]
@@ -44,14 +91,46 @@ def expand(cfg: Config) -> list[Point]:
                 overrides.append(f"run.seed={cfg.run.seed + rep}")
                 name += f"_seed={cfg.run.seed + rep}"
             points.append(Point(name, overrides))
+    for p, name in zip(points, _unique([p.name for p in points])):
+        p.name = name
     return points
 
 
-def point_config(config_path: str, base_overrides: list[str], point: Point) -> Config:
+def point_config(base: str | Path | dict[str, Any], base_overrides: list[str], point: Point,
+                 source: str = "sweep.json") -> Config:
+    """One point's config from the base config (a TOML path, or tables from ``read_toml``)."""
     try:
-        return load_config(config_path, [*base_overrides, *point.overrides])
+        tables = base if isinstance(base, dict) else read_toml(base)
+        return config_from_tables(tables, [*base_overrides, *point.overrides], source)
     except ConfigError as err:
         raise ConfigError(f"sweep point {point.name!r}: {err}") from None
+
+
+def plan(config_path: str | Path,
+         overrides: list[str] = ()) -> tuple[Config, dict[str, Any], list[Point], list[Config]]:
+    """Read and check a sweep before anything runs or is listed: the base config, its tables (for
+    sweep.json), the points and every point's validated config."""
+    base_raw = read_toml(config_path)
+    try:
+        json.dumps(base_raw)
+    except (TypeError, ValueError) as err:  # TOML dates and times have no JSON form
+        raise ConfigError(f"{config_path}: a sweep config may hold no TOML dates or times ({err})") from None
+    base = config_from_tables(base_raw, list(overrides), str(config_path))
+    check_grid(base, str(config_path))
+    points = expand(base)
+    configs = [point_config(base_raw, list(overrides), p, str(config_path)) for p in points]
+    return base, base_raw, points, configs
+
+
+def read_spec(folder: str | Path) -> dict[str, Any]:
+    """A sweep folder's sweep.json."""
+    path = Path(folder) / "sweep.json"
+    if not path.is_file():
+        raise RunError(f"{folder} is not a sweep folder (no sweep.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise RunError(f"{path} is not valid JSON ({err}); it is not a sweep folder feddiff can read") from None
 
 
 def _status(path: Path, num_rounds: int) -> str:
@@ -66,32 +145,37 @@ def _status(path: Path, num_rounds: int) -> str:
 
 def run_sweep(config_path: str, overrides: list[str] = (), out_dir: str | None = None,
               resume_dir: str | None = None) -> Path:
-    """Run a sweep, or continue the one in ``resume_dir`` (then ``config_path`` and ``overrides`` are
-    read from its sweep.json); returns the sweep folder."""
+    """Run a sweep, or continue the one in ``resume_dir`` (then ``config_path``, ``overrides`` and
+    ``out_dir`` are not used: the base config and overrides come from its sweep.json); returns the
+    sweep folder."""
     from feddiff.engines.simulator import resume as resume_run
     from feddiff.engines.simulator import run as run_one
 
     if resume_dir:
         folder = Path(resume_dir)
-        if not (folder / "sweep.json").is_file():
-            raise RunError(f"{folder} is not a sweep folder (no sweep.json)")
-        spec = json.loads((folder / "sweep.json").read_text())
-        config_path, overrides = spec["config"], spec["overrides"]
+        spec = read_spec(folder)
+        overrides = spec["overrides"]
         points = [Point(p["name"], p["overrides"]) for p in spec["points"]]
+        if "base" in spec:
+            base: str | dict[str, Any] = spec["base"]
+        else:  # sweep.json of an older feddiff: only the config path as it was given
+            base = spec["config"]
+            if not Path(base).is_file():
+                raise RunError(f"{folder / 'sweep.json'} (from an older feddiff) names the config {base!r} only, "
+                               f"and it is not found from {Path.cwd()}; resume from the folder the sweep "
+                               "was started in")
+        source = f"{spec.get('config', 'config')} as saved in {folder / 'sweep.json'}"
+        configs = [point_config(base, list(overrides), p, source) for p in points]  # validate all first
     else:
-        base = load_config(config_path, overrides)
-        points = expand(base)
-        configs = [point_config(config_path, list(overrides), p) for p in points]  # validate all first
-        del configs
-        root = Path(out_dir or base.run.out_dir)
-        folder = root / f"{base.run.name or 'sweep'}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+        base_cfg, base, points, configs = plan(config_path, overrides)
+        root = Path(out_dir or base_cfg.run.out_dir)
+        folder = root / f"{base_cfg.run.name or 'sweep'}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
         folder.mkdir(parents=True)
         atomic_write_json(folder / "sweep.json", {
-            "config": str(config_path), "overrides": list(overrides),
+            "config": str(config_path), "base": base, "overrides": list(overrides),
             "points": [{"name": p.name, "overrides": p.overrides} for p in points],
         })
-    for i, p in enumerate(points):
-        cfg = point_config(config_path, list(overrides), p)
+    for i, (p, cfg) in enumerate(zip(points, configs)):
         path = folder / p.name
         status = _status(path, cfg.run.num_rounds)
         print(f"[{i + 1}/{len(points)}] {p.name}: {status}", flush=True)
@@ -106,6 +190,17 @@ def run_sweep(config_path: str, overrides: list[str] = (), out_dir: str | None =
     return folder
 
 
-def sweep_runs(folder: Path) -> list[tuple[str, list[str], Path]]:
-    spec = json.loads((folder / "sweep.json").read_text())
+def sweep_runs(folder: str | Path) -> list[tuple[str, list[str], Path]]:
+    """(name, overrides, run folder) of every point of a sweep folder, in sweep order."""
+    folder = Path(folder)
+    spec = read_spec(folder)
     return [(p["name"], p["overrides"], folder / p["name"]) for p in spec["points"]]
+
+
+def point_settings(overrides: list[str]) -> dict[str, Any]:
+    """A point's overrides as ``{dotted key: value}`` (what ``report.compare`` matches baselines on)."""
+    settings = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        settings[".".join(key)] = value
+    return settings
