@@ -37,9 +37,9 @@ def test_wrong_type_names_key_and_value(tmp_path):
 
 
 def test_unknown_names_list_choices():
-    with pytest.raises(ConfigError, match=r"unknown preset 'huge'; choose from \["):
+    with pytest.raises(ConfigError, match=r"model\.preset: .*unknown preset 'huge'; choose from \["):
         load_config(None, ["model.preset=huge"])
-    with pytest.raises(ConfigError, match=r"unknown dataset 'mnist'; choose from \[.*'fashion-mnist'"):
+    with pytest.raises(ConfigError, match=r"data\.dataset: .*unknown dataset 'mnist'; choose from \[.*'fashion-mnist'"):
         load_config(None, ["data.dataset=mnist"])
     with pytest.raises(ConfigError, match=r"partition\.method: Input should be 'iid', 'dirichlet'"):
         load_config(None, ["partition.method=shards"])

@@ -62,11 +62,9 @@ def _sampling_model(run_dir: RunDir, cfg, client: int | None):
     if client is not None and shared is None:
         raise ConfigError(f"--client applies to personal-model runs (udec, ulatdec); this run is "
                           f"{cfg.algorithm.name!r}, which trains one global model")
-    if client is not None and (run_dir.path / "models" / f"client{client}" / "unet").is_dir():
-        folder = run_dir.path / "models" / f"client{client}"
-        return UNet2DModel.from_pretrained(folder / "unet"), str(folder)
-    if client is None and (run_dir.model_path / "unet").is_dir():
-        return UNet2DModel.from_pretrained(run_dir.model_path / "unet"), str(run_dir.model_path)
+    folder = run_dir.model_path if client is None else run_dir.path / "models" / f"client{client}"
+    if (folder / "unet").is_dir():  # low_cpu_mem_usage=False: no "install accelerate" notice for small models
+        return UNet2DModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False), str(folder)
     if client is None and shared is not None:
         have = exported or "the checkpoint's clients"
         raise RunError(f"{run_dir.path} is a {cfg.algorithm.name} run with one model per client ({have}); "

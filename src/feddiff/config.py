@@ -47,8 +47,21 @@ class RunConfig(Section):
     )
 
 
+def _known_name(kind: str, name: str, known: dict[str, Any]) -> str:
+    if name not in known:  # registries are imported lazily: config loads without torch
+        raise ValueError(f"unknown {kind} {name!r}; choose from {sorted(known)}")
+    return name
+
+
 class DataConfig(Section):
     dataset: str = F("fashion-mnist", "dataset reader: fashion-mnist | cifar10 | celeba | image-folder")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        from feddiff.data.sources import DATASETS
+
+        return _known_name("dataset", v, DATASETS)
     root: str = F("", "folder with the dataset's files; empty = the dataset's default location")
     image_size: int = F(32, "side in pixels the model sees", ge=4)
     resize: Literal["pad", "resize", "center-crop"] = F(
@@ -73,6 +86,13 @@ class PartitionConfig(Section):
 
 class ModelConfig(Section):
     preset: str = F("small", "UNet2DModel preset: tiny | small | fmnist | cifar10-ddpm")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        from feddiff.model.presets import PRESETS
+
+        return _known_name("preset", v, PRESETS)
     block_out_channels: list[int] | None = F(None, "override the preset's channels per level")
     layers_per_block: int | None = F(None, "override the preset's resnet layers per level", ge=1)
     norm_num_groups: int | None = F(None, "override the preset's GroupNorm groups", ge=1)
@@ -249,18 +269,6 @@ class Config(Section):
         if isinstance(raw, dict) and isinstance(raw.get("algorithm"), dict) and "name" not in raw["algorithm"]:
             raw = {**raw, "algorithm": {"name": "fedavg", **raw["algorithm"]}}
         return raw
-
-    @field_validator("data", "model")
-    @classmethod
-    def _known_name(cls, v: DataConfig | ModelConfig) -> DataConfig | ModelConfig:
-        from feddiff.data.sources import DATASETS
-        from feddiff.model.presets import PRESETS
-
-        kind, name, known = (("dataset", v.dataset, DATASETS) if isinstance(v, DataConfig)
-                             else ("preset", v.preset, PRESETS))
-        if name not in known:
-            raise ValueError(f"unknown {kind} {name!r}; choose from {sorted(known)}")
-        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
