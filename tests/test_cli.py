@@ -128,6 +128,17 @@ def test_sample_checks_its_flags_and_personal_checkpoints(tmp_path, fmnist_dir, 
     assert "cannot read the saved config" in capsys.readouterr().err
 
 
+def test_partition_shows_unused_samples(tmp_path, fmnist_dir, capsys):
+    cfg = write_config(tmp_path, fmnist_dir)
+    over = ['partition.method="pathological"', 'partition.shard_rule="random"', "partition.classes_per_client=1",
+            "partition.num_clients=3"]
+    with pytest.warns(UserWarning, match="samples unused"):
+        assert main(["partition", str(cfg), *[x for o in over for x in ("--set", o)]]) == 0
+    rows = {line.split("│")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.count("│") > 3}
+    size = lambda row: int(rows[row].split("│")[2])  # noqa: E731
+    assert size("all") + size("unused") == 400 and size("unused") > 0  # 3 clients x 1 class leave 7 classes out
+
+
 def test_cli_name_lists_match_the_registries():
     from feddiff.cli import DATASET_NAMES, PRESET_NAMES
     from feddiff.data.sources import DATASETS

@@ -121,14 +121,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
-    from feddiff.data.partition import label_histograms
-    from feddiff.experiment import load_split, partition_train
+    import numpy as np
+
+    from feddiff.experiment import load_split, partition_record, partition_train
 
     cfg = load_config(args.config, args.overrides)
     train = load_split(cfg, "train")  # as `feddiff run` reads it
-    labels = train.labels.numpy()
-    _, parts = partition_train(cfg, labels)
-    hist = label_histograms(labels, parts, train.num_classes)
+    _, parts = partition_train(cfg, train.labels.numpy())
+    record = partition_record(cfg, train, parts)  # what the run's partition.json will hold
+    hist = np.array(record["label_histograms"])
     p = cfg.partition
     params = {"dirichlet": f"alpha={p.alpha}", "quantity": f"alpha={p.alpha}",
               "pathological": f"k={p.classes_per_client}, rule={p.shard_rule}"}.get(p.method, "")
@@ -140,6 +141,9 @@ def cmd_partition(args: argparse.Namespace) -> int:
     for k, row in enumerate(hist):
         table.add_row(str(k), str(int(row.sum())), *[str(int(c)) if c else "." for c in row])
     table.add_row("all", str(int(hist.sum())), *[str(int(c)) for c in hist.sum(0)], style="bold")
+    if record["unused_samples"]:
+        table.add_row("unused", str(record["unused_samples"]),
+                      *[str(c) if c else "." for c in record["unused_per_class"]], style="red")
     console = _console()
     console.print(table)
     console.print("classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(train.class_names)))

@@ -82,8 +82,11 @@ def partition_train(cfg: Config, labels: np.ndarray) -> tuple[np.ndarray, Partit
 
 
 def partition_record(cfg: Config, train: ImageData, parts: Partition) -> dict:
+    """What partition.json holds: sizes, label histograms, indices, and the samples no client got."""
     labels = train.labels.numpy()
     hist = label_histograms(labels, parts, train.num_classes)
+    in_use = np.bincount(labels[train_subset(cfg, len(labels))], minlength=train.num_classes)
+    unused = in_use - hist.sum(0)  # e.g. classes that no client drew in a pathological split
     return {
         "method": cfg.partition.method,
         "num_clients": cfg.partition.num_clients,
@@ -93,6 +96,8 @@ def partition_record(cfg: Config, train: ImageData, parts: Partition) -> dict:
         "classes": train.class_names,
         "sizes": [len(p) for p in parts],
         "label_histograms": hist.tolist(),
+        "unused_samples": int(unused.sum()),
+        "unused_per_class": unused.tolist(),
         "indices": [p.tolist() for p in parts],
     }
 

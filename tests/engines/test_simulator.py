@@ -35,7 +35,7 @@ def test_run_folder_contents(make_config):
     side = json.loads((rd.path / "checkpoints" / "round-00002.json").read_text())
     assert side["round"] == 2 and side["clients"]["0"]["steps_done"] == 4 and "ledger" in side
     part = json.loads((rd.path / "partition.json").read_text())
-    assert sum(part["sizes"]) == 400 and len(part["label_histograms"]) == 2
+    assert sum(part["sizes"]) == 400 and len(part["label_histograms"]) == 2 and part["unused_samples"] == 0
     assert json.loads((rd.path / "config.json").read_text())["run"]["seed"] == 3
 
 
