@@ -53,6 +53,7 @@ def _sampling_model(run_dir: RunDir, cfg, client: int | None):
     from diffusers import UNet2DModel
 
     from feddiff.algorithms import STRATEGIES
+    from feddiff.client.runtime import ClientState
     from feddiff.experiment import model_kwargs
     from feddiff.model.parts import select
     from feddiff.model.presets import build_unet
@@ -75,17 +76,16 @@ def _sampling_model(run_dir: RunDir, cfg, client: int | None):
         print(f"warning: {reason}; using an older checkpoint", file=sys.stderr)
     if found is None:
         raise RunError(f"{run_dir.path} has neither an exported model nor a readable checkpoint")
-    rnd, tensors, _ = found
+    rnd, tensors, state = found
     weights = {k.removeprefix("strategy/global/"): v for k, v in tensors.items() if k.startswith("strategy/global/")}
     source = f"checkpoint after round {rnd}"
     if client is not None:
-        prefix = f"client/{client}/personal/"
-        personal = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-        if not personal:
-            held = sorted({int(k.split("/")[1]) for k in tensors if k.startswith("client/") and "/personal/" in k})
+        held = sorted(int(k) for k, meta in state["clients"].items() if meta["has_personal"])
+        if client not in held:
             raise RunError(f"{run_dir.path}: client {client} has no personal model after round {rnd}; "
                            f"clients with one: {held or 'none'}")
-        weights = {**personal, **select(weights, shared)}
+        saved = ClientState.from_flat(tensors, state["clients"][str(client)], f"client/{client}/")
+        weights = {**saved.personal, **select(weights, shared)}
         source += f", client {client}"
     model = build_unet(model_kwargs(cfg, int(weights["conv_in.weight"].shape[1])), 0)
     model.load_state_dict(weights)
@@ -167,11 +167,9 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_model_info(args: argparse.Namespace) -> int:
     from feddiff.metrics.cost import model_cost
-    from feddiff.model.presets import PRESETS, build_unet, unet_kwargs
+    from feddiff.model.presets import build_unet, unet_kwargs
 
-    if args.preset not in PRESETS:
-        raise ConfigError(f"unknown preset {args.preset!r}; choose from {sorted(PRESETS)}")
-    try:
+    try:  # unet_kwargs names an unknown preset and an unfit size
         kwargs = unet_kwargs(args.preset, args.channels, args.image_size)
     except ValueError as err:
         raise ConfigError(str(err)) from None
