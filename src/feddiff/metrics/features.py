@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from feddiff.data.sources import DatasetError, ImageData, load_dataset
 from feddiff.data.transforms import fit_to_size, to_model_range
-from feddiff.seeding import derive_seed, torch_generator
+from feddiff.seeding import global_rng, torch_generator
 
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's release asset
 INCEPTION_WEIGHTS_FILE_FIDELITY = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's
@@ -126,8 +126,7 @@ class DomainNet(nn.Module):
 
 def build_domain_net(in_channels: int, image_size: int, num_classes: int, seed: int = 0) -> DomainNet:
     """An untrained DomainNet initialised from ``seed`` (global RNG state is restored)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, "domain-init"))
+    with global_rng("cpu", seed, "domain-init"):
         return DomainNet(in_channels, image_size, num_classes)
 
 

@@ -26,7 +26,7 @@ import torch.nn as nn
 from feddiff.data.transforms import to_uint8
 from feddiff.metrics.features import FeatureNet, check_images, tensor_sha256
 from feddiff.metrics.fid import FeatureStats
-from feddiff.seeding import derive_seed
+from feddiff.seeding import global_rng
 
 REFERENCE_SUBDIR = "reference"
 KID_SUBSET_SIZE = 1000  # Binkowski et al.'s default; capped at the number of samples available
@@ -255,8 +255,7 @@ class QualityMetrics:
                                              subset_size=size)
         metric.update(torch.from_numpy(self.real_features), real=True)
         metric.update(fake, real=False)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.seed, "kid"))
+        with global_rng("cpu", self.seed, "kid"):  # torchmetrics draws its subsets from the global RNG
             mean, std = metric.compute()
         return float(mean), float(std)
 
@@ -268,8 +267,7 @@ class QualityMetrics:
             # normalize=False: InceptionScore would otherwise cast inputs to bytes even for a custom module
             metric = InceptionScore(feature=_Passthrough(logits.shape[1]), splits=splits, normalize=False)
         metric.update(logits)
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        with global_rng("cpu", self.seed, "is"), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*degrees of freedom.*")  # std of one split
-            torch.manual_seed(derive_seed(self.seed, "is"))
             mean, std = metric.compute()
         return float(mean), float(std) if splits > 1 else 0.0
