@@ -10,10 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from feddiff.metrics.featurenet import INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE
 from feddiff.metrics.features import (
     FEATURE_NETS,
-    INCEPTION_WEIGHTS_ENV,
-    INCEPTION_WEIGHTS_FILE,
     DomainNet,
     build_domain_net,
     load_feature_net,
@@ -137,3 +136,58 @@ def test_rgb_image_folder_without_test_split(tmp_path: Path) -> None:
     assert meta["test_split"] == "train-holdout-10%"
     net = load_feature_net("domain", dataset="image-folder", cache_dir=tmp_path / "cache", root=str(tmp_path / "data"))
     assert net(torch.rand(3, 3, 32, 32)).shape == (3, 128)
+
+
+# ----------------------------------------------------------------------------------------------
+# Module structure: no import cycle between the feature-net modules
+
+_NET_MODULES = ("feddiff.metrics.featurenet", "feddiff.metrics.features", "feddiff.metrics.inception")
+
+
+def _metrics_imports(module: str) -> dict[str, bool]:
+    """The feddiff.metrics modules ``module`` imports anywhere in its source -> whether at module level."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin, f"{module} not found"
+    tree = ast.parse(Path(spec.origin).read_text())
+    top = {id(node) for node in tree.body}
+    found: dict[str, bool] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            # `from feddiff.metrics import features` names the module in the alias
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        for name in names:
+            if name in _NET_MODULES and name != module:
+                found[name] = found.get(name, False) or id(node) in top
+    return found
+
+
+def test_feature_net_modules_have_no_import_cycle() -> None:
+    graph = {m: _metrics_imports(m) for m in _NET_MODULES}
+    assert "feddiff.metrics.features" not in graph["feddiff.metrics.inception"]
+    assert graph["feddiff.metrics.featurenet"] == {}  # the shared module depends on neither
+    # every remaining import is at module level (no lazy import working around a cycle) and there is no cycle
+    assert all(at_top for deps in graph.values() for at_top in deps.values()), graph
+    for a in _NET_MODULES:
+        for b in graph[a]:
+            assert a not in graph[b], f"{a} and {b} import each other"
+
+
+@pytest.mark.parametrize("order", [("inception", "features"), ("features", "inception")])
+def test_feature_net_modules_import_in_either_order(order: tuple[str, str]) -> None:
+    import subprocess
+    import sys
+
+    first, second = (f"feddiff.metrics.{m}" for m in order)
+    code = (f"import {first}, {second}, feddiff.metrics.featurenet as fn\n"
+            "from feddiff.metrics import features, inception\n"
+            "assert features.check_images is inception.check_images is fn.check_images\n"
+            "assert features.load_inception is inception.load_inception\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

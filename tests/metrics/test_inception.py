@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from feddiff.metrics.features import INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE
+from feddiff.metrics.featurenet import INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE
 from feddiff.metrics.inception import InceptionV3FID, _tf_avg_pool, load_inception
 
 # (name, in, out, kernel) of every BasicConv2d; kernel (kh, kw). From torchvision's Inception3.

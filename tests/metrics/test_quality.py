@@ -18,12 +18,14 @@ from feddiff.metrics.fid import (
 )
 from feddiff.metrics.quality import (
     QualityMetrics,
+    equal_split_inception_score,
     extract_features,
     federated_reference_stats,
     load_stats,
     reference_features,
     save_stats,
 )
+from feddiff.seeding import global_rng
 from tests.conftest import synthetic_images
 
 
@@ -65,6 +67,7 @@ def test_kid_and_is_agree_with_pure_functions(net, data) -> None:
     assert out["kid_std"] == pytest.approx(0, abs=1e-12)
     assert out["is_mean"] == pytest.approx(inception_score(logits, 1)[0], rel=1e-9) and out["is_std"] == 0.0
     assert (out["kid_subsets"], out["kid_subset_size"], out["is_splits"]) == (3, 100, 1)  # the protocol as it ran
+    assert (out["is_split_size"], out["is_left_out"]) == (100, 0)
 
 
 def test_generated_images_are_scored_at_8_bits(net, data) -> None:
@@ -144,3 +147,90 @@ def test_reference_features_cached_by_key(net, data, tmp_path: Path, monkeypatch
     assert calls == [1, 1] and len(list((tmp_path / "reference").glob("*.npz"))) == 3
     with pytest.raises(ValueError, match="JSON"):
         reference_features(net, data["train"], cache_dir=tmp_path, key={"bad": object()})
+
+
+# ----------------------------------------------------------------------------------------------
+# Inception Score over equal splits
+
+
+def _logits_of(probs: list[list[float]]) -> torch.Tensor:
+    """Logits whose softmax is ``probs`` (each row sums to 1): log-probabilities are such logits."""
+    return torch.tensor(probs, dtype=torch.float64).log()
+
+
+def test_equal_split_is_by_hand() -> None:
+    # split 1: p(y|x) = (3/4, 1/4) and (1/4, 3/4), so p(y) = (1/2, 1/2) and each image's
+    #   KL = 3/4 ln(3/2) + 1/4 ln(1/2) = 3/4 ln 3 - ln 2, so IS = exp(3/4 ln 3 - ln 2) = 3^(3/4) / 2
+    # split 2: two identical images, p(y) = p(y|x), KL = 0, IS = 1
+    # a fifth image is the remainder of 5 = 2 * 2 + 1: left out (it would change split 2's score)
+    logits = _logits_of([[0.75, 0.25], [0.25, 0.75], [0.5, 0.5], [0.5, 0.5], [0.99, 0.01]])
+    res = equal_split_inception_score(logits, 2, shuffle=False)
+    a, b = 3**0.75 / 2, 1.0
+    assert (res.splits, res.split_size, res.left_out) == (2, 2, 1)
+    assert res.split_scores == pytest.approx([a, b], rel=1e-12)
+    assert res.mean == pytest.approx((a + b) / 2, rel=1e-12)
+    assert res.std == pytest.approx(abs(a - b) / 2**0.5, rel=1e-12)  # ddof 1, as torchmetrics
+    # one-hot predictions spread evenly over k classes give IS = k
+    onehot = _logits_of([[1 - 2e-15, 1e-15, 1e-15], [1e-15, 1 - 2e-15, 1e-15], [1e-15, 1e-15, 1 - 2e-15]])
+    assert equal_split_inception_score(onehot, 1, shuffle=False).mean == pytest.approx(3, rel=1e-12)
+    # a split of one image: p(y) = p(y|x), KL = 0, IS = 1 (never below 1 by round-off: the KL is clamped at 0)
+    for seed in range(20):
+        single = equal_split_inception_score(torch.randn(4, 6, generator=torch.Generator().manual_seed(seed)), 4)
+        assert single.split_size == 1 and all(1 <= s <= 1 + 1e-6 for s in single.split_scores)
+
+
+def test_equal_split_is_refuses_fewer_images_than_splits() -> None:
+    with pytest.raises(ValueError, match=r"9 images.*splits=10"):
+        equal_split_inception_score(torch.randn(9, 5), 10)
+    with pytest.raises(ValueError, match="splits"):
+        equal_split_inception_score(torch.randn(9, 5), 0)
+    with pytest.raises(ValueError, match=r"\(N, K\)"):
+        equal_split_inception_score(torch.randn(9), 1)
+
+
+def test_equal_split_is_matches_torchmetrics_when_divisible() -> None:
+    import warnings
+
+    from torchmetrics.image.inception import InceptionScore
+
+    from feddiff.metrics.quality import _Passthrough
+
+    logits = torch.randn(40, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        metric = InceptionScore(feature=_Passthrough(7), splits=10, normalize=False)
+    metric.update(logits)
+    with global_rng("cpu", 5, "is"):
+        tm_mean, tm_std = metric.compute()  # shuffles with the global RNG
+    with global_rng("cpu", 5, "is"):
+        ours = equal_split_inception_score(logits, 10)
+    assert (ours.splits, ours.split_size, ours.left_out) == (10, 4, 0)
+    assert ours.mean == pytest.approx(float(tm_mean), rel=1e-13)
+    assert ours.std == pytest.approx(float(tm_std), rel=1e-12)
+    # the same permutation from an explicit generator
+    again = equal_split_inception_score(logits, 10, generator=torch.Generator().manual_seed(1))
+    assert again == equal_split_inception_score(logits, 10, generator=torch.Generator().manual_seed(1))
+
+
+def test_torchmetrics_chunking_is_what_we_avoid() -> None:
+    # Tensor.chunk(10) of 25 rows makes 9 chunks, of 64 rows 10 chunks with a 1-row last one
+    assert len(torch.arange(25).chunk(10)) == 9
+    assert [len(c) for c in torch.arange(64).chunk(10)][-1] == 1
+    for n in (25, 64):
+        res = equal_split_inception_score(torch.randn(n, 5, generator=torch.Generator().manual_seed(n)), 10)
+        assert (res.splits, res.split_size, res.left_out) == (10, n // 10, n % 10)
+        assert len(res.split_scores) == 10 and min(res.split_scores) > 1
+
+
+def test_quality_metrics_records_the_equal_splits(net, data) -> None:
+    fake = to_sampler_range(data["test"][:25])
+    out = QualityMetrics(net, extract_features(net, data["train"]), kid_subsets=2, is_splits=10).compute(fake)
+    assert (out["is_splits"], out["is_split_size"], out["is_left_out"]) == (10, 2, 5)
+    _, logits = extract_features(net, (fake + 1) / 2, with_logits=True)
+    with global_rng("cpu", 0, "is"):  # QualityMetrics' seed 0
+        expected = equal_split_inception_score(torch.from_numpy(logits).to(torch.float64), 10)
+    assert (out["is_mean"], out["is_std"]) == (expected.mean, expected.std)
+    # fewer images than splits: the splits are capped at the number of images, one image each
+    few = QualityMetrics(net, extract_features(net, data["train"]), kid_subsets=2, is_splits=10).compute(fake[:6])
+    assert (few["is_splits"], few["is_split_size"], few["is_left_out"]) == (6, 1, 0)
+    assert few["is_mean"] == pytest.approx(1.0, abs=1e-12) and few["is_mean"] >= 1.0 and few["is_std"] < 1e-12

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,39 +30,14 @@ import torch.nn.functional as F
 
 from feddiff.data.sources import DatasetError, ImageData, load_dataset
 from feddiff.data.transforms import fit_to_size, to_model_range
+from feddiff.metrics.featurenet import FeatureNet, check_images
+from feddiff.metrics.inception import load_inception
 from feddiff.seeding import global_rng, torch_generator
 
-INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's release asset
-INCEPTION_WEIGHTS_FILE_FIDELITY = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's
-INCEPTION_WEIGHTS_PAGE = "https://github.com/mseitzer/pytorch-fid/releases/tag/fid_weights"
-INCEPTION_WEIGHTS_ENV = "FEDDIFF_INCEPTION_WEIGHTS"
 FEATURES_SUBDIR = "features"
 DOMAIN_ARCH_VERSION = 1  # bump when DomainNet changes: old caches then no longer match
 DOMAIN_MAX_SIZE = 64  # larger images (CelebA) are classified at 64 px; cost grows with area
 DOMAIN_EPOCHS = 3  # Fashion-MNIST test accuracy: 2 epochs 90.8%, 3 epochs 91.5%, 4 epochs 91.9% (seed 0)
-
-
-class FeatureNet(Protocol):
-    """What the metrics need from a feature network."""
-
-    name: str
-    metric_label: str
-    num_features: int
-    num_classes: int
-    weights_id: str
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
-    def logits(self, images: torch.Tensor) -> torch.Tensor: ...
-    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-def check_images(images: torch.Tensor, channels: tuple[int, ...], who: str) -> None:
-    """Raise ValueError unless ``images`` is a float (N, C, H, W) batch with C in ``channels``."""
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
-        desc = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"{who}: expected float images in [0, 1] of shape (N, C, H, W), got {desc}")
-    if images.shape[1] not in channels:
-        raise ValueError(f"{who}: images have {images.shape[1]} channels; allowed: {list(channels)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,8 +301,6 @@ def load_domain_net(dataset: str, root: str, cache_dir: str | os.PathLike, seed:
 
 
 def _load_inception(*, dataset: str, cache_dir, inception_weights, root: str, seed: int):
-    from feddiff.metrics.inception import load_inception  # imported here: inception imports this module
-
     return load_inception(inception_weights)
 
 

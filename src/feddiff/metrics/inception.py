@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from feddiff.metrics.features import (
+from feddiff.metrics.featurenet import (
     INCEPTION_WEIGHTS_ENV,
     INCEPTION_WEIGHTS_FILE,
     INCEPTION_WEIGHTS_FILE_FIDELITY,

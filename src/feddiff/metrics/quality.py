@@ -1,12 +1,13 @@
 """Image-quality metrics for the engine: cached reference features, federated reference statistics,
-and :class:`QualityMetrics`, which scores sampled images with FD / KID / IS through torchmetrics.
+and :class:`QualityMetrics`, which scores sampled images with FD / KID (through torchmetrics) and IS
+(:func:`equal_split_inception_score`: torchmetrics' formula, on equal splits).
 
 The feature net runs once per image: features and logits come from one pass, and torchmetrics'
-metrics receive them through a pass-through ``feature`` module (its ``FrechetInceptionDistance``,
-``KernelInceptionDistance`` and ``InceptionScore`` would otherwise each run the network again, which
-for InceptionV3 on a CPU costs ~0.3 s per image). The real side of the FD is loaded into
-torchmetrics' state as sums (:class:`FeatureStats`), so reference statistics summed over clients
-work as well as features computed centrally.
+metrics receive them through a pass-through ``feature`` module (its ``FrechetInceptionDistance`` and
+``KernelInceptionDistance`` would otherwise each run the network again, which for InceptionV3 on a
+CPU costs ~0.3 s per image). The real side of the FD is loaded into torchmetrics' state as sums
+(:class:`FeatureStats`), so reference statistics summed over clients work as well as features
+computed centrally.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,8 @@ import torch
 import torch.nn as nn
 
 from feddiff.data.transforms import to_uint8
-from feddiff.metrics.features import FeatureNet, check_images, tensor_sha256
+from feddiff.metrics.featurenet import FeatureNet, check_images
+from feddiff.metrics.features import tensor_sha256
 from feddiff.metrics.fid import FeatureStats
 from feddiff.seeding import global_rng
 
@@ -150,6 +153,92 @@ def federated_reference_stats(client_image_sets: Iterable, net: FeatureNet, batc
     return total
 
 
+@dataclass(frozen=True)
+class SplitInceptionScore:
+    """An Inception Score and the splits it ran on.
+
+    ``split_scores`` holds each split's IS; ``mean`` and ``std`` (ddof 1, as torchmetrics; 0 for a
+    single split) are over them. ``splits`` splits of ``split_size`` images each were scored, and
+    ``left_out`` images (the remainder of N / splits) were not.
+    """
+
+    mean: float
+    std: float
+    splits: int
+    split_size: int
+    left_out: int
+    split_scores: tuple[float, ...]
+
+
+def equal_split_inception_score(
+    logits, splits: int = 10, *, shuffle: bool = True, generator: torch.Generator | None = None,
+) -> SplitInceptionScore:
+    """Inception Score exp(E_x KL(p(y|x) || p(y))) over ``splits`` splits of equal size.
+
+    Salimans et al. (2016) score 50,000 images in 10 splits of 5,000, p(y) being each split's mean
+    prediction, and report the mean and spread over the splits. The IS of a split depends on its
+    size (a split of one image scores 1, small splits score lower), so all splits here hold
+    the same number of images: ``N // splits`` each, and the ``N % splits`` images left over (fewer
+    than ``splits``) are left out. The number of splits is always the one asked for. (torchmetrics'
+    ``InceptionScore`` uses ``Tensor.chunk``, which for N = 25 makes 9 splits and for N = 64 leaves a
+    one-image last split; the original code's ``i * N // splits`` boundaries keep all images in
+    splits whose sizes differ by one.)
+
+    When ``splits`` divides N the result equals torchmetrics' ``InceptionScore`` on the same logits
+    and permutation: the same shuffle (``torch.randperm(N)`` from the global RNG unless a
+    ``generator`` is given), the same softmax / log-softmax, per-split KL, mean and std with ddof 1.
+    Two guards change nothing else: a class with probability 0 contributes 0 (0 log 0 = 0) rather
+    than NaN, and a split's mean KL is clamped at 0 (it is never negative mathematically), so
+    round-off cannot push an IS below 1 (a one-image split scores 1 up to round-off).
+
+    Parameters
+    ----------
+    logits
+        Class logits (N, K), tensor or array; integers are cast to float64, floats keep their dtype.
+    splits
+        Number of splits, 1 <= splits <= N.
+    shuffle
+        Permute the images before splitting, as torchmetrics does; ``False`` splits them in order.
+    generator
+        Draws the permutation; ``None`` uses torch's global RNG, like torchmetrics (seed it, e.g.
+        with :func:`feddiff.seeding.global_rng`, for reproducible numbers).
+
+    Returns
+    -------
+    SplitInceptionScore
+        Mean and std over the splits, and the splits as they ran.
+
+    Raises
+    ------
+    ValueError
+        ``logits`` is not 2-D, ``splits < 1``, or fewer images than splits.
+    """
+    z = torch.as_tensor(logits)
+    if z.ndim != 2:
+        raise ValueError(f"equal_split_inception_score: logits must be (N, K), got shape {tuple(z.shape)}")
+    if not z.is_floating_point():
+        z = z.to(torch.float64)
+    n = int(z.shape[0])
+    if splits < 1:
+        raise ValueError(f"equal_split_inception_score: splits must be >= 1, got {splits}")
+    if n < splits:
+        raise ValueError(f"equal_split_inception_score: {n} images cannot fill splits={splits} equal splits; "
+                         f"use at least {splits} images or fewer splits")
+    if shuffle:
+        z = z[torch.randperm(n, generator=generator)]
+    size = n // splits
+    z = z[: splits * size]
+    prob, log_prob = z.softmax(dim=1), z.log_softmax(dim=1)
+    scores = []
+    for p, log_p in zip(prob.split(size), log_prob.split(size)):
+        kl = torch.where(p > 0, p * (log_p - p.mean(dim=0, keepdim=True).log()), 0.0)
+        scores.append(kl.sum(dim=1).mean().clamp_min(0).exp())
+    stacked = torch.stack(scores)
+    std = float(stacked.std()) if splits > 1 else 0.0
+    return SplitInceptionScore(float(stacked.mean()), std, splits, size, n - splits * size,
+                               tuple(float(x) for x in stacked))
+
+
 class _Passthrough(nn.Module):
     """A torchmetrics ``feature`` module for precomputed features: returns its input."""
 
@@ -175,10 +264,11 @@ class QualityMetrics:
         KID averages over ``kid_subsets`` subsets of ``min(kid_subset_size, N_real, N_fake)``
         samples: the 1000 of Binkowski et al. when there are enough samples, else all of them.
     is_splits
-        Inception Score splits, capped at the number of generated images.
+        Inception Score splits, capped at the number of generated images; the splits are of equal
+        size and the remainder is left out (:func:`equal_split_inception_score`).
     seed
-        Seeds KID's subsets and IS's shuffle (torchmetrics draws them from the global RNG; we
-        fork it), so the same images give the same numbers.
+        Seeds KID's subsets and IS's shuffle (both drawn from the global RNG, which we fork), so
+        the same images give the same numbers.
     batch_size
         Images per forward pass of the feature net.
     """
@@ -212,8 +302,9 @@ class QualityMetrics:
         dict
             ``fd`` (the Fréchet distance; ``label`` says whether it is "FID" or "FD-domain"),
             ``kid_mean``, ``kid_std``, ``kid_subsets``, ``kid_subset_size`` (when reference
-            features are available), ``is_mean``, ``is_std``, ``is_splits``, ``label``,
-            ``feature_net``, ``num_fake``, ``num_real``.
+            features are available), ``is_mean``, ``is_std``, ``is_splits`` (the splits that ran),
+            ``is_split_size`` (images in each), ``is_left_out`` (images in no split: N mod
+            splits), ``label``, ``feature_net``, ``num_fake``, ``num_real``.
         """
         check_images(fake_images, (1, 3), "QualityMetrics.compute")
         n = int(fake_images.shape[0])
@@ -228,9 +319,9 @@ class QualityMetrics:
             size = min(self.kid_subset_size, len(self.real_features), n)
             out["kid_mean"], out["kid_std"] = self._kid(fake, size)
             out.update(kid_subsets=self.kid_subsets, kid_subset_size=size)  # the protocol as it ran
-        splits = min(self.is_splits, n)
-        out["is_mean"], out["is_std"] = self._is(torch.from_numpy(logits).to(torch.float64), splits)
-        out["is_splits"] = splits
+        score = self._is(torch.from_numpy(logits).to(torch.float64), min(self.is_splits, n))
+        out.update(is_mean=score.mean, is_std=score.std, is_splits=score.splits, is_split_size=score.split_size,
+                   is_left_out=score.left_out)
         out.update(label=self.net.metric_label, feature_net=self.net.name, num_fake=n,
                    num_real=int(self.real_stats.n))
         return out
@@ -259,15 +350,6 @@ class QualityMetrics:
             mean, std = metric.compute()
         return float(mean), float(std)
 
-    def _is(self, logits: torch.Tensor, splits: int) -> tuple[float, float]:
-        from torchmetrics.image.inception import InceptionScore
-
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-            # normalize=False: InceptionScore would otherwise cast inputs to bytes even for a custom module
-            metric = InceptionScore(feature=_Passthrough(logits.shape[1]), splits=splits, normalize=False)
-        metric.update(logits)
-        with global_rng("cpu", self.seed, "is"), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*degrees of freedom.*")  # std of one split
-            mean, std = metric.compute()
-        return float(mean), float(std) if splits > 1 else 0.0
+    def _is(self, logits: torch.Tensor, splits: int) -> SplitInceptionScore:
+        with global_rng("cpu", self.seed, "is"):  # the shuffle draws from the global RNG, as torchmetrics'
+            return equal_split_inception_score(logits, splits)
