@@ -223,3 +223,111 @@ def test_summary_table_shows_the_point_name():
     console.print(table(rows, "sweep"))
     text = console.export_text()
     assert "point" in text and "lr=1_fedavg" in text and "lr=[2]_fedavg" in text
+
+
+# -- repeats vary the training seed, not the data split --------------------------------------------
+
+
+def _split_hashes(p, overrides=()):
+    from feddiff.data.partition import partition_hash
+    from feddiff.experiment import partition_train
+    from tests.conftest import synthetic_images
+
+    _, labels = synthetic_images(400, 0)
+    out = []
+    for pt in expand(load_config(p, list(overrides))):
+        cfg = load_config(p, [*overrides, *pt.overrides])
+        subset, parts = partition_train(cfg, labels)
+        out.append((pt.name, cfg.run.seed, cfg.partition.seed, partition_hash(parts), subset.tolist()))
+    return out
+
+
+def test_repeats_keep_the_partition(tmp_path):
+    p = tmp_path / "s.toml"
+    p.write_text(_grid(CFG.format(root=tmp_path), '"partition.method" = ["dirichlet"]\n')
+                 .replace("[sweep.grid]", "[sweep]\nrepeats = 3\n[sweep.grid]"))
+    points = expand(load_config(p))
+    assert [pt.name for pt in points] == [f"method=dirichlet_seed={s}" for s in (3, 4, 5)]
+    assert points[1].overrides == ['partition.method="dirichlet"', "run.seed=4", "partition.seed=3"]
+    rows = _split_hashes(p)
+    assert [r[1] for r in rows] == [3, 4, 5] and {r[2] for r in rows} == {3}
+    assert len({r[3] for r in rows}) == 1 and all(r[4] == rows[0][4] for r in rows)  # one split, subset too
+
+    # an explicit partition.seed in the base config is kept as it is (no override added)
+    rows = _split_hashes(p, ["partition.seed=9"])
+    assert {r[2] for r in rows} == {9} and len({r[3] for r in rows}) == 1
+    assert all("partition.seed" not in o for pt in expand(load_config(p, ["partition.seed=9"])) for o in pt.overrides)
+    assert rows[0][3] != _split_hashes(p)[0][3]
+
+    # partition.seed on the grid: each value its own split, shared by that value's repeats
+    p.write_text(_grid(CFG.format(root=tmp_path), '"partition.method" = ["dirichlet"]\n"partition.seed" = [1, 2]\n')
+                 .replace("[sweep.grid]", "[sweep]\nrepeats = 2\n[sweep.grid]"))
+    rows = _split_hashes(p)
+    assert [(r[1], r[2]) for r in rows] == [(3, 1), (4, 1), (3, 2), (4, 2)]
+    assert rows[0][3] == rows[1][3] != rows[2][3] == rows[3][3]
+
+    # one run per point: nothing changes (the split follows run.seed, as before partition.seed existed)
+    p.write_text(_grid(CFG.format(root=tmp_path), '"partition.method" = ["dirichlet"]\n'))
+    assert expand(load_config(p))[0].overrides == ['partition.method="dirichlet"']
+
+
+# -- a point is done only once its final checkpoint and export are on disk ---------------------------
+
+
+def _two_rounds(tmp_path, fmnist_dir):
+    p = tmp_path / "s.toml"
+    p.write_text(_grid(CFG.format(root=fmnist_dir).replace("num_rounds = 1", "num_rounds = 2"),
+                       '"algorithm.name" = ["fedavg"]\n'))
+    assert main(["sweep", str(p), "--out", str(tmp_path / "out")]) == 0
+    folder = next((tmp_path / "out").iterdir())
+    return folder, folder / "algorithm=fedavg"
+
+
+def _final_tensors(run):
+    from feddiff.runs import RunDir
+
+    rd = RunDir(run)
+    _, tensors, _ = rd.load_checkpoint(dict(rd.checkpoints())[2])
+    return tensors
+
+
+def test_point_without_its_final_checkpoint_is_resumed(tmp_path, fmnist_dir, capsys):
+    import torch
+
+    folder, run = _two_rounds(tmp_path, fmnist_dir)
+    final = run / "checkpoints" / "round-00002.safetensors"
+    expected = _final_tensors(run)
+    # killed after the last metrics line was written, before the final checkpoint was
+    final.unlink()
+    final.with_suffix(".json").unlink()
+    assert [r["round"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+    capsys.readouterr()
+    assert main(["sweep", "--resume", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "[1/1] algorithm=fedavg: resume" in out
+    assert final.is_file()
+    got = _final_tensors(run)
+    assert list(got) == list(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert [r["round"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+    assert main(["sweep", "--resume", str(folder)]) == 0
+    assert "[1/1] algorithm=fedavg: done" in capsys.readouterr().out
+
+
+def test_point_with_a_damaged_final_checkpoint_or_export_is_redone(tmp_path, fmnist_dir, capsys):
+    import shutil
+
+    folder, run = _two_rounds(tmp_path, fmnist_dir)
+    final = run / "checkpoints" / "round-00002.safetensors"
+    final.write_bytes(final.read_bytes()[:100])  # cut short
+    capsys.readouterr()
+    assert main(["sweep", "--resume", str(folder)]) == 0
+    assert "[1/1] algorithm=fedavg: resume" in capsys.readouterr().out
+    assert _final_tensors(run)
+
+    # the final checkpoint is there but the exported model is not: the last round is redone
+    shutil.rmtree(run / "model")
+    assert main(["sweep", "--resume", str(folder)]) == 0
+    assert "[1/1] algorithm=fedavg: resume" in capsys.readouterr().out
+    assert (run / "model" / "model_index.json").is_file() and _final_tensors(run)
+    assert main(["sweep", "--resume", str(folder)]) == 0
+    assert "[1/1] algorithm=fedavg: done" in capsys.readouterr().out

@@ -37,9 +37,30 @@ def global_rng(device: torch.device | str, seed: int, *parts: object) -> Iterato
 
     For what draws from the global generator and takes no ``generator=`` (dropout), so a round of
     a client is the same whether it runs in one process, after a resume, or beside other runs.
+
+    Parameters
+    ----------
+    device : torch.device or str
+        Where the block's random draws happen. The CPU generator is always seeded; for a CUDA
+        device, that device's default generator is seeded too. No other generator is touched
+        (``torch.manual_seed`` would reseed every CUDA device, or queue that for when CUDA starts),
+        so nothing else needs restoring.
+    seed : int
+        The root seed.
+    *parts : object
+        The path of names and numbers ``derive_seed`` turns into this block's seed.
+
+    Yields
+    ------
+    None
+        On exit (also by an exception) the CPU generator, and the CUDA device's one, hold the
+        state they had on entry.
     """
     device = torch.device(device)
     cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(derive_seed(seed, *parts))
+    value = derive_seed(seed, *parts)
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        torch.default_generator.manual_seed(value)
+        for index in cuda:  # fork_rng has read its state, so CUDA is initialised
+            torch.cuda.default_generators[index].manual_seed(value)
         yield

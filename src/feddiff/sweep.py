@@ -2,9 +2,10 @@
 
 A sweep folder holds ``sweep.json`` (the base config's tables, the base overrides, and the points
 with their overrides) and one run folder per point. Re-running with ``--resume`` skips finished
-points, resumes interrupted ones from their checkpoints and starts the rest, so a sweep killed at
-any moment loses at most one round. A resume needs neither the original TOML file nor the folder
-the sweep was started from: the config is rebuilt from what sweep.json saved.
+points (their final checkpoint and exported model are on disk and readable), resumes interrupted
+ones from their checkpoints and starts the rest, so a sweep killed at any moment loses at most one
+round. A resume needs neither the original TOML file nor the folder the sweep was started from: the
+config is rebuilt from what sweep.json saved.
 """
 
 from __future__ import annotations
@@ -18,8 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from feddiff.config import Config, ConfigError, config_from_tables, parse_override, read_toml
 from feddiff.runs import RunDir, RunError, atomic_write_json
+
+# the override key that holds a point's data split fixed across repeats
+_PARTITION_SEED = ["partition", "seed"]
 
 # files a sweep folder holds next to its run folders: no point may take their names
 _RESERVED = {"sweep.json", "summary.json"}
@@ -76,9 +82,27 @@ def check_grid(cfg: Config, source: str = "the config") -> None:
                               "(or remove the key)")
 
 
+def _sets(overrides: list[str], key: list[str]) -> bool:
+    return any(parse_override(text)[0] == key for text in overrides)
+
+
 def expand(cfg: Config) -> list[Point]:
-    """The grid's points in file order (the last key varies fastest), each variant, ``repeats`` seeds.
-    Names are folder-safe and distinct (see ``safe_name``)."""
+    """The points of a sweep.
+
+    Parameters
+    ----------
+    cfg : Config
+        The base config; its ``sweep`` section gives the grid, the variants and ``repeats``.
+
+    Returns
+    -------
+    list of Point
+        The grid's points in file order (the last key varies fastest), each variant, ``repeats``
+        seeds. Names are folder-safe and distinct (see ``safe_name``). With ``repeats`` > 1 the
+        repeats set ``run.seed`` to ``run.seed + i`` and keep the data split: where neither the base
+        config nor the point sets ``partition.seed``, each repeat sets it to the base ``run.seed``,
+        so the spread of the repeats is training variance, not data-split variance.
+    """
     grid = cfg.sweep.grid
     keys = list(grid)
     variants = list(cfg.sweep.variants.items()) or [("", [])]
@@ -89,6 +113,8 @@ def expand(cfg: Config) -> list[Point]:
             name = "_".join([*(_short(k, v) for k, v in zip(keys, values)), *([variant] if variant else [])]) or "base"
             if cfg.sweep.repeats > 1:
                 overrides.append(f"run.seed={cfg.run.seed + rep}")
+                if cfg.partition.seed is None and not _sets(overrides, _PARTITION_SEED):
+                    overrides.append(f"partition.seed={cfg.run.seed}")
                 name += f"_seed={cfg.run.seed + rep}"
             points.append(Point(name, overrides))
     for p, name in zip(points, _unique([p.name for p in points])):
@@ -133,21 +159,101 @@ def read_spec(folder: str | Path) -> dict[str, Any]:
         raise RunError(f"{path} is not valid JSON ({err}); it is not a sweep folder feddiff can read") from None
 
 
+def _readable_safetensors(path: Path) -> dict[str, str] | None:
+    """The metadata of a complete safetensors file (its header covers the whole file), else None."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return fh.metadata() or {}
+    except Exception:  # safetensors raises its own error types
+        return None
+
+
+def _readable_checkpoint(path: Path, rnd: int) -> bool:
+    meta = _readable_safetensors(path)
+    try:
+        return meta is not None and int(meta["round"]) == rnd and isinstance(json.loads(meta["state"]), dict)
+    except (KeyError, ValueError):
+        return False
+
+
+def _readable_export(path: Path) -> bool:
+    """An exported pipeline folder whose JSON files parse and whose weight files are complete."""
+    if not (path / "model_index.json").is_file():
+        return False
+    weights = list(path.rglob("*.safetensors"))
+    try:
+        for f in path.rglob("*.json"):
+            json.loads(f.read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(weights) and all(_readable_safetensors(w) is not None for w in weights)
+
+
+def _exports(record: dict[str, Any]) -> list[str]:
+    """The exported models the record of a run's last round names (one per model it evaluated)."""
+    ev = record.get("eval") or {}
+    if "models" in ev:
+        return [m["model"] for m in ev["models"].values() if isinstance(m, dict) and "model" in m]
+    return [ev["model"]] if "model" in ev else []
+
+
 def _status(path: Path, num_rounds: int) -> str:
+    """What a point's run folder needs: "new", "done", "resume", "redo-last" or "restart".
+
+    "done" means the run finished: the record of its last round, its final checkpoint and the
+    exported model(s) that record names are on disk, and the files are complete. The simulator
+    writes the export, then the last metrics line, then the final checkpoint, so a run killed
+    between them has a last metrics line but is not done. "redo-last": the final checkpoint is there
+    but the export is not (a resume cannot redo it from that checkpoint); "resume": some checkpoint
+    is readable; "restart": none is.
+    """
     if not (path / "config.json").exists():
         return "new"
     rd = RunDir(path)
-    rounds = [m.get("round", 0) for m in rd.read_metrics()]
-    if rounds and max(rounds) >= num_rounds and (path / "checkpoints").exists() and rd.checkpoints():
-        return "done"
-    return "resume" if rd.checkpoints() else "restart"
+    ckpts = rd.checkpoints() if (path / "checkpoints").is_dir() else []
+    finals = [(rnd, p) for rnd, p in ckpts if rnd >= num_rounds]
+    if finals and _readable_checkpoint(finals[-1][1], finals[-1][0]):
+        last = [m for m in rd.read_metrics() if m.get("round", 0) == finals[-1][0]]
+        exports = _exports(last[-1]) if last else []
+        if exports and all(_readable_export(path / e) for e in exports):
+            return "done"
+        return "redo-last"
+    return "resume" if any(_readable_checkpoint(p, rnd) for rnd, p in ckpts) else "restart"
+
+
+def _set_aside_finals(path: Path, num_rounds: int) -> None:
+    """Rename the checkpoints of the last round (and later) out of the resume path; kept, not deleted."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for rnd, ckpt in RunDir(path).checkpoints():
+        if rnd >= num_rounds:
+            for f in (ckpt, ckpt.with_suffix(".json")):
+                if f.exists():
+                    f.rename(f.with_name(f"{f.name}.no-export-{stamp}"))
 
 
 def run_sweep(config_path: str, overrides: list[str] = (), out_dir: str | None = None,
               resume_dir: str | None = None) -> Path:
-    """Run a sweep, or continue the one in ``resume_dir`` (then ``config_path``, ``overrides`` and
-    ``out_dir`` are not used: the base config and overrides come from its sweep.json); returns the
-    sweep folder."""
+    """Run a sweep, or continue the one in ``resume_dir``.
+
+    Each point is skipped when done (its final checkpoint and exported model are on disk and
+    readable), resumed from its newest readable checkpoint, or started (again).
+
+    Parameters
+    ----------
+    config_path : str
+        The sweep's TOML config; not used with ``resume_dir``.
+    overrides : list of str
+        ``section.key=value`` overrides of the base config; not used with ``resume_dir``.
+    out_dir : str, optional
+        Folder to create the sweep folder in (default ``run.out_dir``); not used with ``resume_dir``.
+    resume_dir : str, optional
+        A sweep folder to continue; its base config and overrides come from its sweep.json.
+
+    Returns
+    -------
+    Path
+        The sweep folder.
+    """
     from feddiff.engines.simulator import resume as resume_run
     from feddiff.engines.simulator import run as run_one
 
@@ -178,7 +284,12 @@ def run_sweep(config_path: str, overrides: list[str] = (), out_dir: str | None =
     for i, (p, cfg) in enumerate(zip(points, configs)):
         path = folder / p.name
         status = _status(path, cfg.run.num_rounds)
-        print(f"[{i + 1}/{len(points)}] {p.name}: {status}", flush=True)
+        note = ""
+        if status == "redo-last":  # its final checkpoint stays aside; the last round is trained again
+            _set_aside_finals(path, cfg.run.num_rounds)
+            status = _status(path, cfg.run.num_rounds)
+            note = " (the final checkpoint has no complete exported model: the last round is redone)"
+        print(f"[{i + 1}/{len(points)}] {p.name}: {status}{note}", flush=True)
         if status == "done":
             continue
         if status == "resume":

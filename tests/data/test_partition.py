@@ -131,3 +131,61 @@ def test_property_every_index_exactly_once(n_clients, seed, method, alpha):
     assert len(parts) == n_clients
     assert_exact_cover(parts, 1000)
     assert all(np.all(np.diff(p) > 0) for p in parts)  # sorted, no duplicates
+
+
+# -- the data split's seed: partition.seed, or run.seed when unset ---------------------------------
+
+
+def _split_config(**partition):
+    from feddiff.config import config_from_dict
+
+    return config_from_dict({"run": {"seed": 3}, "data": {"max_train_samples": 600},
+                             "partition": {"method": "dirichlet", "num_clients": 4, **partition}})
+
+
+def test_partition_seed_none_is_the_run_seed_split():
+    from feddiff.experiment import partition_train
+    from feddiff.seeding import derive_seed, numpy_rng
+
+    subset, parts = partition_train(_split_config(), LABELS)
+    # today's split, written out: the subset and the partition both from run.seed = 3
+    expected_subset = np.sort(numpy_rng(3, "train-subset").choice(1000, 600, replace=False))
+    expected = make_partition("dirichlet", LABELS[expected_subset], 4, derive_seed(3, "partition"),
+                              alpha=0.5, min_samples=10)
+    assert np.array_equal(subset, expected_subset)
+    assert partition_hash(parts) == partition_hash([expected_subset[p] for p in expected])
+
+
+def test_partition_seed_fixes_the_split_whatever_the_run_seed():
+    from feddiff.config import config_from_dict
+    from feddiff.experiment import partition_train, train_subset
+
+    def split(run_seed, part_seed):
+        cfg = config_from_dict({"run": {"seed": run_seed}, "data": {"max_train_samples": 600},
+                                "partition": {"method": "dirichlet", "num_clients": 4, "seed": part_seed}})
+        subset, parts = partition_train(cfg, LABELS)
+        return subset, partition_hash(parts), train_subset(cfg, 1000)
+
+    a, b, c = split(3, 7), split(4, 7), split(3, 8)
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1]  # same partition.seed: same subset and parts
+    assert np.array_equal(a[0], a[2])
+    assert not np.array_equal(a[0], c[0]) and a[1] != c[1]  # another partition.seed: another split
+    # an explicit partition.seed equal to run.seed is the unset one
+    none = partition_train(_split_config(), LABELS)
+    same = partition_train(_split_config(seed=3), LABELS)
+    assert partition_hash(none[1]) == partition_hash(same[1])
+
+
+def test_partition_record_names_the_seed_used():
+    import torch
+
+    from feddiff.data.sources import ImageData
+    from feddiff.experiment import partition_record, partition_train
+
+    images = torch.zeros(1000, 1, 2, 2, dtype=torch.uint8)
+    train = ImageData("x", "train", images, torch.from_numpy(LABELS), [str(i) for i in range(10)])
+    for cfg, seed in ((_split_config(), 3), (_split_config(seed=7), 7)):
+        _, parts = partition_train(cfg, LABELS)
+        rec = partition_record(cfg, train, parts)
+        assert rec["seed"] == seed and rec["hash"] == partition_hash(parts)
+        assert rec["unused_samples"] == 0 and sum(rec["sizes"]) == 600

@@ -73,9 +73,24 @@ def unet_kwargs(
 
 
 def build_unet(kwargs: dict[str, Any], seed: int) -> UNet2DModel:
-    """Build a UNet2DModel with weights initialised from ``seed`` (global RNG state is restored)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    """Build a UNet2DModel on the CPU with weights initialised from ``seed``.
+
+    Parameters
+    ----------
+    kwargs : dict
+        UNet2DModel keyword arguments, e.g. from ``unet_kwargs``.
+    seed : int
+        Seed of the CPU generator the initial weights are drawn from.
+
+    Returns
+    -------
+    UNet2DModel
+        The model, on the CPU. Its weights equal those drawn after ``torch.manual_seed(seed)``.
+        Only the CPU generator is seeded (``torch.manual_seed`` would also reseed every CUDA
+        device), and its state is restored afterwards: no global RNG changes.
+    """
+    with torch.random.fork_rng(devices=[], device_type="cuda"):
+        torch.default_generator.manual_seed(int(seed))
         return UNet2DModel(**kwargs)
 
 
