@@ -81,7 +81,7 @@ def test_every_field_documented():
     rows = describe(Config)
     assert len(rows) > 40
     assert all(doc for _, _, doc in rows), [k for k, _, d in rows if not d]
-    assert ("train.lr", "0.0002", "Adam learning rate") in rows
+    assert ("train.lr", "0.0002", "learning rate of the local optimizer") in rows
 
 
 def test_shipped_configs_load():
@@ -121,3 +121,17 @@ def test_downlink_error_feedback_is_refused():
     cfg = load_config(None, ["compress.uplink.mode=delta", "compress.uplink.codec=int8",
                              "compress.uplink.error_feedback=true"])
     assert cfg.compress.uplink.error_feedback
+
+
+def test_partition_seed_defaults_to_the_run_seed_and_is_strict(tmp_path):
+    assert Config().partition.seed is None  # None: the data split derives from run.seed
+    cfg = load_config(None, ["partition.seed=11", "run.seed=4"])
+    assert cfg.partition.seed == 11 and cfg.run.seed == 4
+    assert load_config(write(tmp_path, "[partition]\nseed = 2\n")).partition.seed == 2
+    with pytest.raises(ConfigError, match=r"partition\.seed: Input should be a valid integer"):
+        load_config(None, ['partition.seed="2"'])
+    for c in (Config(), cfg):  # config.json holds null or the number, and reads back the same
+        p = tmp_path / "config.json"
+        p.write_text(json.dumps(c.model_dump(mode="json")))
+        assert load_resolved(p) == c
+    assert ("partition.seed", "null") in [(k, d) for k, d, _ in describe(Config)]

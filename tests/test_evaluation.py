@@ -46,7 +46,10 @@ def test_federated_reference_equals_pooled(make_config):
     assert e_f["fd"] == pytest.approx(e_p["fd"], rel=1e-6)
     assert "kid_mean" not in e_f  # KID needs the features themselves
     first = fed.read_metrics()[0]
-    assert first["bytes"]["eval"]["up"] > 0 and "eval" not in pooled.read_metrics()[0]["bytes"]
+    # the feature sums are setup traffic on the eval link, before round 1, not part of round 1's bytes
+    assert first["bytes_setup"]["eval"]["up"] > 0 and "eval" not in first["bytes"]
+    assert "bytes_setup" not in pooled.read_metrics()[0] and "eval" not in pooled.read_metrics()[0]["bytes"]
+    assert first["bytes_cumulative"]["eval"] == first["bytes_setup"]["eval"]
     # the clients' rows count the round's own messages, not the feature sums on the eval link
     assert sum(c["bytes_up"] for c in first["clients"]) == first["bytes"]["client-server"]["up"]
 

@@ -49,24 +49,24 @@ def _sampling_model(run_dir: RunDir, cfg, client: int | None):
 
     Personal-model runs (UDEC/ULATDEC) need ``client``: its export, or its personal model in the
     checkpoint with the global shared part merged in (the model it would start the next round from).
+    A checkpoint is read through the run's own strategy (with its wrappers), never by its key layout.
     """
     from diffusers import UNet2DModel
 
-    from feddiff.algorithms import STRATEGIES
+    from feddiff.algorithms import StrategyContext, make_strategy
     from feddiff.client.runtime import ClientState
-    from feddiff.experiment import model_kwargs
-    from feddiff.model.parts import select
-    from feddiff.model.presets import build_unet
+    from feddiff.experiment import model_spec
+    from feddiff.model.spec import build_model
 
-    shared = getattr(STRATEGIES[cfg.algorithm.name], "shared", None)  # set for personal-model algorithms
+    strategy = make_strategy(cfg, StrategyContext(cfg.partition.num_clients, cfg.run.seed))
     exported = sorted(p.name for p in (run_dir.path / "models").glob("client*"))
-    if client is not None and shared is None:
+    if client is not None and not strategy.personalized:
         raise ConfigError(f"--client applies to personal-model runs (udec, ulatdec); this run is "
                           f"{cfg.algorithm.name!r}, which trains one global model")
     folder = run_dir.model_path if client is None else run_dir.path / "models" / f"client{client}"
     if (folder / "unet").is_dir():  # low_cpu_mem_usage=False: no "install accelerate" notice for small models
         return UNet2DModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False), str(folder)
-    if client is None and shared is not None:
+    if client is None and strategy.personalized:
         have = exported or "the checkpoint's clients"
         raise RunError(f"{run_dir.path} is a {cfg.algorithm.name} run with one model per client ({have}); "
                        "choose one with --client K")
@@ -77,7 +77,9 @@ def _sampling_model(run_dir: RunDir, cfg, client: int | None):
     if found is None:
         raise RunError(f"{run_dir.path} has neither an exported model nor a readable checkpoint")
     rnd, tensors, state = found
-    weights = {k.removeprefix("strategy/global/"): v for k, v in tensors.items() if k.startswith("strategy/global/")}
+    strategy.load_state_dict({k.removeprefix("strategy/"): v for k, v in tensors.items()
+                              if k.startswith("strategy/")}, state["strategy"])
+    weights = strategy.global_state()
     source = f"checkpoint after round {rnd}"
     if client is not None:
         held = sorted(int(k) for k, meta in state["clients"].items() if meta["has_personal"])
@@ -85,9 +87,10 @@ def _sampling_model(run_dir: RunDir, cfg, client: int | None):
             raise RunError(f"{run_dir.path}: client {client} has no personal model after round {rnd}; "
                            f"clients with one: {held or 'none'}")
         saved = ClientState.from_flat(tensors, state["clients"][str(client)], f"client/{client}/")
-        weights = {**saved.personal, **select(weights, shared)}
+        weights = strategy.personal_model(saved.personal)
         source += f", client {client}"
-    model = build_unet(model_kwargs(cfg, int(weights["conv_in.weight"].shape[1])), 0)
+    spec = strategy.spec or model_spec(cfg, int(weights["conv_in.weight"].shape[1]))
+    model = build_model(spec, 0)
     model.load_state_dict(weights)
     return model, source
 

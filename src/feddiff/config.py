@@ -11,9 +11,9 @@ import copy
 import json
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -82,6 +82,9 @@ class PartitionConfig(Section):
     shard_rule: Literal["random", "fedphd"] = F(
         "random", "pathological: random class choice (NIID-Bench #C=k) or FedPhD's deterministic shards"
     )
+    seed: int | None = F(
+        None, "seed of the data split (partition and data.max_train_samples subset); unset = run.seed"
+    )
 
 
 class ModelConfig(Section):
@@ -111,14 +114,21 @@ class DiffusionConfig(Section):
 class TrainConfig(Section):
     """Local training on each client, every round."""
 
-    lr: float = F(2e-4, "Adam learning rate", gt=0)
+    optimizer: Literal["adam", "sgd"] = F(
+        "adam", "local optimizer: adam (betas adam_betas) or sgd (with momentum); SCAFFOLD's control variates are "
+        "derived for plain SGD, with Adam they correct the gradient Adam then rescales (see docs/algorithms.md)"
+    )
+    lr: float = F(2e-4, "learning rate of the local optimizer", gt=0)
+    momentum: float = F(0.0, "sgd: momentum (0 = plain SGD)", ge=0, lt=1)
     adam_betas: list[float] = F([0.9, 0.999], "Adam betas (beta1, beta2)", min_length=2, max_length=2)
     batch_size: int = F(32, "local batch size", ge=1)
     local_epochs: int = F(1, "passes over the client's data per round (ignored when local_steps > 0)", ge=1)
     local_steps: int = F(0, "optimizer steps per round; 0 = use local_epochs", ge=0)
     warmup_steps: int = F(0, "linear lr warm-up over each client's first optimizer steps (counted across rounds)", ge=0)
     grad_clip: float = F(1.0, "clip the gradient norm to this; 0 = off", ge=0)
-    keep_optimizer_state: bool = F(False, "keep each client's Adam state between rounds (default: fresh each round)")
+    keep_optimizer_state: bool = F(
+        False, "keep each client's optimizer state (Adam moments, SGD momentum) between rounds (default: fresh each round)"
+    )
     lr_schedule: Literal["constant", "cosine"] = F(
         "constant", "lr across rounds: constant, or cosine decay from lr to lr * min_lr_ratio at the last round"
     )
@@ -131,45 +141,20 @@ class TrainConfig(Section):
     )
 
 
-class _AlgorithmBase(Section):
+class AlgorithmConfig(Section):
+    """Fields every algorithm has; each algorithm's module subclasses it with ``name`` and its own fields
+    and registers the subclass (``algorithms/registry.py``), so this file lists no algorithm."""
+
+    name: str = F("fedavg", "algorithm (see `feddiff config` for the registered ones)")
     fraction: float = F(1.0, "fraction of clients sampled each round", gt=0, le=1)
     min_clients: int = F(1, "sample at least this many clients per round", ge=1)
 
 
-class FedAvgConfig(_AlgorithmBase):
-    """FedAvg (McMahan et al. 2017) on the whole U-Net: FULL in de Goede et al., FedDM-vanilla."""
+def algorithm_configs() -> dict[str, type[AlgorithmConfig]]:
+    """name -> config class of every registered algorithm (importing them registers the built-in ones)."""
+    from feddiff.algorithms import ALGORITHMS
 
-    name: Literal["fedavg"] = F("fedavg", "algorithm: fedavg")
-
-
-class FedProxConfig(_AlgorithmBase):
-    """FedProx (Li et al. 2020): FedAvg plus a proximal term; FedDM-prox in Vora et al. (2024)."""
-
-    name: Literal["fedprox"] = F("fedprox", "algorithm: fedprox")
-    mu: float = F(0.01, "proximal weight: local loss + (mu/2)||w - w_global||^2", ge=0)
-
-
-class USplitConfig(_AlgorithmBase):
-    """USPLIT (de Goede et al. 2024): paired clients upload complementary U-Net parts."""
-
-    name: Literal["usplit"] = F("usplit", "algorithm: usplit")
-
-
-class UDecConfig(_AlgorithmBase):
-    """UDEC (de Goede et al. 2024): only the decoder is shared; encoders and latent stay private."""
-
-    name: Literal["udec"] = F("udec", "algorithm: udec")
-
-
-class ULatDecConfig(_AlgorithmBase):
-    """ULATDEC (de Goede et al. 2024): latent + decoder shared; encoders stay private."""
-
-    name: Literal["ulatdec"] = F("ulatdec", "algorithm: ulatdec")
-
-
-Algorithm = Annotated[
-    Union[FedAvgConfig, FedProxConfig, USplitConfig, UDecConfig, ULatDecConfig], Field(discriminator="name")
-]
+    return {name: entry.config for name, entry in ALGORITHMS.items()}
 
 
 class LinkConfig(Section):
@@ -247,7 +232,10 @@ class SweepConfig(Section):
     variants: dict[str, list[str]] = F(
         {}, "name -> overrides (\"section.key=value\") applied together; every grid point runs each variant"
     )
-    repeats: int = F(1, "runs per grid point, seeds run.seed, run.seed + 1, ...", ge=1)
+    repeats: int = F(
+        1, "runs per grid point, seeds run.seed, run.seed + 1, ...; the data split stays fixed (an unset "
+        "partition.seed becomes the base run.seed)", ge=1
+    )
 
 
 class Config(Section):
@@ -257,18 +245,27 @@ class Config(Section):
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     train: TrainConfig = TrainConfig()
-    algorithm: Algorithm = FedAvgConfig()
+    algorithm: SerializeAsAny[AlgorithmConfig] = F(None, "the algorithm section (validated by the registered class)",
+                                                   validate_default=True)
     compress: CompressConfig = CompressConfig()
     eval: EvalConfig = EvalConfig()
     sweep: SweepConfig = SweepConfig()
 
-    @model_validator(mode="before")
+    @field_validator("algorithm", mode="before")
     @classmethod
-    def _default_algorithm(cls, raw: Any) -> Any:
-        # an [algorithm] table without a name means the default algorithm
-        if isinstance(raw, dict) and isinstance(raw.get("algorithm"), dict) and "name" not in raw["algorithm"]:
-            raw = {**raw, "algorithm": {"name": "fedavg", **raw["algorithm"]}}
-        return raw
+    def _registered_algorithm(cls, raw: Any) -> Any:
+        # the registered class of algorithm.name validates the section (no name: the default, fedavg)
+        if raw is None:
+            raw = {}
+        if isinstance(raw, AlgorithmConfig):
+            return raw
+        if not isinstance(raw, dict):
+            raise ValueError(f"must be a table of algorithm settings, got {raw!r}")
+        known = algorithm_configs()
+        name = raw.get("name", "fedavg")
+        if name not in known:
+            raise ValueError(f"unknown algorithm {name!r}; choose from {sorted(known)}")
+        return known[name].model_validate(raw)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -304,7 +301,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
-def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+def set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set ``tree[path[0]][path[1]]... = value``, making sections as needed."""
     node = tree
     for p in path[:-1]:
         child = node.setdefault(p, {})
@@ -314,13 +312,32 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def apply_overrides(
+    raw: dict[str, Any], overrides: list[str], allowed: tuple[str, ...] | None = None, where: str = "here",
+) -> dict[str, Any]:
+    """A copy of the tables ``raw`` with each ``section.key=value`` of ``overrides`` set.
+
+    Parameters
+    ----------
+    allowed
+        When given, the only keys that may be set: exact dotted keys, or prefixes ending in ``.``.
+    where
+        When an override outside ``allowed`` cannot change (and why), for the error message.
+    """
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        key, value = parse_override(text)
+        dotted = ".".join(key)
+        if allowed is not None and not any(dotted == k or (k.endswith(".") and dotted.startswith(k)) for k in allowed):
+            raise ConfigError(f"--set {dotted} cannot change {where}; allowed: {', '.join(allowed)}")
+        set_path(raw, key, value)
+    return raw
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
-        # discriminated unions put the tag in the location (algorithm.fedavg.mu): drop it
-        for tag in ALGORITHM_CONFIGS:
-            loc = loc.replace(f"algorithm.{tag}.", "algorithm.")
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (not a field of this section; see `feddiff config`)"
@@ -354,10 +371,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 def config_from_tables(raw: dict[str, Any], overrides: list[str] = (), source: str = "defaults") -> Config:
     """Validate tables (from ``read_toml``, or saved) after applying ``section.key=value`` overrides."""
-    raw = copy.deepcopy(raw)
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_path(raw, key, value)
+    raw = apply_overrides(raw, overrides)
     if overrides:
         source += " with overrides " + " ".join(overrides)
     return config_from_dict(raw, source)
@@ -389,18 +403,14 @@ def describe(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[st
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows += describe(ann, key + ".")
         elif name == "algorithm":
-            rows.append((f"{key}.name", '"fedavg"', "algorithm: " + " | ".join(ALGORITHM_CONFIGS)))
-            rows += [r for r in describe(_AlgorithmBase, key + ".")]
-            for tag, variant in ALGORITHM_CONFIGS.items():
-                own = set(variant.model_fields) - set(_AlgorithmBase.model_fields) - {"name"}
+            configs = algorithm_configs()
+            rows.append((f"{key}.name", '"fedavg"', "algorithm: " + " | ".join(configs)))
+            rows += [r for r in describe(AlgorithmConfig, key + ".") if not r[0].endswith(".name")]
+            for tag, variant in configs.items():
+                own = set(variant.model_fields) - set(AlgorithmConfig.model_fields)
                 rows += [(k, d, f"[{tag}] {doc}") for k, d, doc in describe(variant, key + ".")
                          if k.rsplit(".", 1)[1] in own]
         else:
             rows.append((key, json.dumps(field.default), field.description or ""))
     return rows
 
-
-ALGORITHM_CONFIGS: dict[str, type[_AlgorithmBase]] = {
-    "fedavg": FedAvgConfig, "fedprox": FedProxConfig, "usplit": USplitConfig, "udec": UDecConfig,
-    "ulatdec": ULatDecConfig,
-}

@@ -135,7 +135,7 @@ class Evaluator:
         images = sample(model, self.scheduler, self.cfg.fid_num_samples, g, self.cfg.sampler,
                         self.cfg.num_inference_steps, self.cfg.timestep_spacing)
         out = metrics.compute(images)
-        ran = {k: out[k] for k in ("kid_subsets", "kid_subset_size", "is_splits") if k in out}
+        ran = {k: out[k] for k in ("kid_subsets", "kid_subset_size", "is_splits", "is_split_size", "is_left_out") if k in out}
         return {k: out[k] for k in ("fd", "kid_mean", "kid_std", "is_mean", "is_std") if k in out} | {
             "label": out["label"], "protocol": protocol | ran}
 
@@ -148,3 +148,15 @@ class Evaluator:
         if self.cfg.grid_size > 0:
             out["grid"] = str(self.sample_grid(model, samples_dir / f"{tag}.png").relative_to(samples_dir.parent))
         return out
+
+
+def summarize(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Mean and spread over models (personal models: the papers report the mean over clients)."""
+    out: dict[str, float] = {}
+    keys = {k for r in results.values() for k, v in r.items() if isinstance(v, (int, float))}
+    for k in sorted(keys):
+        values = torch.tensor([float(r[k]) for r in results.values() if k in r], dtype=torch.float64)
+        out[f"{k}_mean"] = float(values.mean())
+        out[f"{k}_std"] = float(values.std()) if len(values) > 1 else 0.0
+        out[f"{k}_min"], out[f"{k}_max"] = float(values.min()), float(values.max())
+    return out

@@ -12,17 +12,20 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from feddiff.algorithms import Strategy, make_strategy
+from feddiff.algorithms import Strategy, StrategyContext, client_hook, make_strategy
+from feddiff.client.node import ClientData
 from feddiff.client.runtime import ClientRuntime
 from feddiff.client.train import LocalTrainSpec
 from feddiff.compress.channel import LinkSpec
+from feddiff.compress.link import LinkSpecs
 from feddiff.compress.codecs import make_codec
 from feddiff.config import Config, ConfigError, LinkConfig
 from feddiff.data.partition import Partition, label_histograms, make_partition, partition_hash
 from feddiff.data.sources import ImageData, load_dataset
 from feddiff.data.transforms import fit_to_size
 from feddiff.model.diffusion import make_scheduler
-from feddiff.model.presets import build_unet, unet_kwargs
+from feddiff.model.presets import count_parameters, unet_kwargs
+from feddiff.model.spec import ModelSpec, build_model
 from feddiff.seeding import derive_seed, numpy_rng
 
 
@@ -62,19 +65,55 @@ def load_split(cfg: Config, split: str) -> ImageData:
 
 
 def train_subset(cfg: Config, num_train: int) -> np.ndarray:
-    """Indices of the train split in use: all, or a seeded subset of ``max_train_samples``."""
+    """Indices of the train split in use: all, or a seeded subset of ``data.max_train_samples``.
+
+    The subset is part of the data split, so it is drawn from ``partition.seed`` (``run.seed`` when
+    that is unset, which gives the subsets of feddiff before ``partition.seed`` existed).
+
+    Parameters
+    ----------
+    cfg : Config
+        The run's config (``data.max_train_samples``, ``partition.seed``, ``run.seed``).
+    num_train : int
+        Size of the whole train split.
+
+    Returns
+    -------
+    numpy.ndarray
+        Sorted indices into the train split.
+    """
     n = cfg.data.max_train_samples
     if n == 0 or n >= num_train:
         return np.arange(num_train)
-    return np.sort(numpy_rng(cfg.run.seed, "train-subset").choice(num_train, n, replace=False))
+    seed = cfg.run.seed if cfg.partition.seed is None else cfg.partition.seed
+    return np.sort(numpy_rng(seed, "train-subset").choice(num_train, n, replace=False))
 
 
 def partition_train(cfg: Config, labels: np.ndarray) -> tuple[np.ndarray, Partition]:
-    """(subset, parts): parts index the train split itself, not the subset."""
+    """The train subset in use and its division over the clients.
+
+    Both derive from ``partition.seed``, or ``run.seed`` when that is unset (the split of feddiff
+    before ``partition.seed`` existed), so runs that differ in ``run.seed`` alone can share a split.
+
+    Parameters
+    ----------
+    cfg : Config
+        The run's config (``partition.*``, ``data.max_train_samples``, ``run.seed``).
+    labels : numpy.ndarray
+        Labels of the whole train split.
+
+    Returns
+    -------
+    subset : numpy.ndarray
+        Indices of the train split in use (see ``train_subset``).
+    parts : Partition
+        One index array per client; they index the train split itself, not the subset.
+    """
     subset = train_subset(cfg, len(labels))
     p = cfg.partition
+    seed = cfg.run.seed if p.seed is None else p.seed
     local = make_partition(
-        p.method, labels[subset], p.num_clients, derive_seed(cfg.run.seed, "partition"),
+        p.method, labels[subset], p.num_clients, derive_seed(seed, "partition"),
         alpha=p.alpha, min_samples=p.min_samples, classes_per_client=p.classes_per_client,
         shard_rule=p.shard_rule,
     )
@@ -82,7 +121,23 @@ def partition_train(cfg: Config, labels: np.ndarray) -> tuple[np.ndarray, Partit
 
 
 def partition_record(cfg: Config, train: ImageData, parts: Partition) -> dict:
-    """What partition.json holds: sizes, label histograms, indices, and the samples no client got."""
+    """What partition.json holds: sizes, label histograms, indices, and the samples no client got.
+
+    Parameters
+    ----------
+    cfg : Config
+        The run's config.
+    train : ImageData
+        The whole train split.
+    parts : Partition
+        The clients' indices into it, from ``partition_train``.
+
+    Returns
+    -------
+    dict
+        The record. ``seed`` is the root seed the split was drawn from: ``partition.seed``, or
+        ``run.seed`` when that is unset (``params.seed`` keeps the setting itself).
+    """
     labels = train.labels.numpy()
     hist = label_histograms(labels, parts, train.num_classes)
     in_use = np.bincount(labels[train_subset(cfg, len(labels))], minlength=train.num_classes)
@@ -91,7 +146,7 @@ def partition_record(cfg: Config, train: ImageData, parts: Partition) -> dict:
         "method": cfg.partition.method,
         "num_clients": cfg.partition.num_clients,
         "params": cfg.partition.model_dump(),
-        "seed": cfg.run.seed,
+        "seed": cfg.run.seed if cfg.partition.seed is None else cfg.partition.seed,
         "hash": partition_hash(parts),
         "classes": train.class_names,
         "sizes": [len(p) for p in parts],
@@ -112,11 +167,13 @@ def model_kwargs(cfg: Config, in_channels: int) -> dict:
 
 
 def train_spec(cfg: Config) -> LocalTrainSpec:
+    """What every client does in a round, from ``[train]``."""
     t = cfg.train
     return LocalTrainSpec(
-        lr=t.lr, batch_size=t.batch_size, local_epochs=t.local_epochs, local_steps=t.local_steps,
-        warmup_steps=t.warmup_steps, grad_clip=t.grad_clip, adam_betas=tuple(t.adam_betas),
-        loss=cfg.diffusion.loss, random_flip=cfg.data.random_flip, precision=t.precision,
+        lr=t.lr, batch_size=t.batch_size, optimizer=t.optimizer, momentum=t.momentum, local_epochs=t.local_epochs,
+        local_steps=t.local_steps, warmup_steps=t.warmup_steps, grad_clip=t.grad_clip,
+        adam_betas=tuple(t.adam_betas), loss=cfg.diffusion.loss, random_flip=cfg.data.random_flip,
+        precision=t.precision,
     )
 
 
@@ -127,25 +184,86 @@ def link_spec(link: LinkConfig) -> LinkSpec:
     return LinkSpec(make_codec(link.codec, **kwargs), link.mode, link.error_feedback)
 
 
+def link_specs(cfg: Config) -> LinkSpecs:
+    """Both directions of the client links, from ``[compress]``."""
+    return LinkSpecs(link_spec(cfg.compress.downlink), link_spec(cfg.compress.uplink))
+
+
+def model_spec(cfg: Config, in_channels: int) -> ModelSpec:
+    """The spec the config builds: the preset with its overrides, no structural history."""
+    return ModelSpec(model_kwargs(cfg, in_channels))
+
+
+class ModelCache:
+    """One working model per architecture (model spec), on the run's device, built on first use."""
+
+    def __init__(self, device: torch.device, seed: int):
+        self.device = device
+        self.seed = seed
+        self.models: dict[str, UNet2DModel] = {}
+
+    def __call__(self, spec: ModelSpec) -> UNet2DModel:
+        if spec.id not in self.models:
+            self.models[spec.id] = build_model(spec, self.seed).to(self.device)
+        return self.models[spec.id]
+
+
 @dataclass
 class Experiment:
+    """One run assembled in one process: the server's parts and every client's (the simulator's view).
+
+    ``num_samples`` is each client's train-set size from the partition: the aggregation weights, never
+    what a client claims.
+    """
+
     cfg: Config
     device: torch.device
     train: ImageData
     test: ImageData | None
     parts: Partition
-    client_images: list[torch.Tensor]
-    model: UNet2DModel
+    client_data: list[ClientData]
+    spec: ModelSpec
+    model_for: ModelCache
     scheduler: DDPMScheduler
     strategy: Strategy
     runtime: ClientRuntime
+    links: LinkSpecs
 
     @property
     def num_clients(self) -> int:
         return len(self.parts)
 
+    @property
+    def num_samples(self) -> tuple[int, ...]:
+        return tuple(len(p) for p in self.parts)
+
+    @property
+    def client_images(self) -> list[torch.Tensor]:
+        return [d.images for d in self.client_data]
+
+    @property
+    def model(self) -> UNet2DModel:
+        """The working model of the initial architecture."""
+        return self.model_for(self.spec)
+
+    def steps_per_round(self, client: int) -> int:
+        """Optimizer steps client ``client`` takes in a round."""
+        return self.runtime.spec.num_steps(len(self.parts[client]))
+
+    def banner(self, start_round: int, run_dir) -> str:
+        """The line a run prints first."""
+        cfg = self.cfg
+        sizes = [len(p) for p in self.parts]
+        return (
+            f"[bold]feddiff[/bold] {cfg.algorithm.name} | {cfg.data.dataset} {cfg.data.image_size}px, "
+            f"{self.num_clients} clients ({cfg.partition.method}, sizes {min(sizes)}..{max(sizes)}) | "
+            f"{cfg.model.preset} U-Net {count_parameters(self.model) / 1e6:.2f}M params | {self.device} | "
+            f"rounds {start_round + 1}..{cfg.run.num_rounds} -> {run_dir.path}"
+        )
+
 
 def build_experiment(cfg: Config) -> Experiment:
+    """Read the data, partition it, build the model, the strategy and the client runtime."""
     device = pick_device(cfg.run.device, cfg.run.deterministic)
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
@@ -157,13 +275,17 @@ def build_experiment(cfg: Config) -> Experiment:
             raise
         test = None
     _, parts = partition_train(cfg, train.labels.numpy())
-    client_images = [train.images[torch.from_numpy(p)].to(device) for p in parts]
+    client_data = [ClientData(train.images[torch.from_numpy(p)].to(device), train.labels[torch.from_numpy(p)],
+                              train.num_classes) for p in parts]
 
-    model = build_unet(model_kwargs(cfg, train.channels), derive_seed(cfg.run.seed, "model-init")).to(device)
+    spec = model_spec(cfg, train.channels)
+    models = ModelCache(device, derive_seed(cfg.run.seed, "model-init"))
     d = cfg.diffusion
     scheduler = make_scheduler(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end)
-    strategy = make_strategy(cfg.algorithm, len(parts), cfg.run.seed)
+    strategy = make_strategy(cfg, StrategyContext(len(parts), cfg.run.seed, spec, tuple(len(p) for p in parts)))
     t = cfg.train
-    runtime = ClientRuntime(model, scheduler, train_spec(cfg), cfg.run.seed, t.keep_optimizer_state,
-                            t.lr_schedule_rounds or cfg.run.num_rounds, t.lr_schedule, t.min_lr_ratio)
-    return Experiment(cfg, device, train, test, parts, client_images, model, scheduler, strategy, runtime)
+    runtime = ClientRuntime(models, spec, scheduler, train_spec(cfg), cfg.run.seed, client_hook(cfg.algorithm),
+                            t.keep_optimizer_state, t.lr_schedule_rounds or cfg.run.num_rounds, t.lr_schedule,
+                            t.min_lr_ratio)
+    return Experiment(cfg, device, train, test, parts, client_data, spec, models, scheduler, strategy, runtime,
+                      link_specs(cfg))

@@ -1,7 +1,7 @@
 import torch
 
-from feddiff.algorithms import Reply, make_strategy
-from feddiff.config import FedAvgConfig
+from feddiff.algorithms import Reply, strategy_from as make_strategy
+from feddiff.algorithms.fedavg import FedAvgConfig
 
 
 def test_fedavg_round_hand_computed():

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from feddiff.algorithms import make_strategy
+from feddiff.algorithms import strategy_from as make_strategy
 from feddiff.client.train import LocalTrainSpec, train_local
-from feddiff.config import FedProxConfig
+from feddiff.algorithms.fedprox import FedProxConfig, ProxTerm
 from feddiff.model.diffusion import make_scheduler
 from feddiff.model.presets import build_unet, unet_kwargs
 
@@ -20,8 +20,9 @@ def dist_after_training(mu: float) -> float:
     model = build_unet(unet_kwargs("tiny", 1, 8), 0)
     anchor = {k: v.clone() for k, v in model.state_dict().items()}
     images = torch.randint(0, 255, (32, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    spec = LocalTrainSpec(lr=1e-2, batch_size=8, local_steps=12, prox_mu=mu, grad_clip=0)
-    res = train_local(model, images, spec, make_scheduler(), torch.Generator().manual_seed(0), anchor=anchor)
+    spec = LocalTrainSpec(lr=1e-2, batch_size=8, local_steps=12, grad_clip=0)
+    terms = [ProxTerm(mu, anchor)] if mu > 0 else []
+    res = train_local(model, images, spec, make_scheduler(), torch.Generator().manual_seed(0), terms=terms)
     d = sum(((model.state_dict()[k] - anchor[k]) ** 2).sum() for k in anchor).item()
     if mu > 0:
         assert res.metrics["prox_dist2"] == pytest.approx(d, rel=1e-4)
@@ -44,8 +45,8 @@ def test_prox_gradient_matches_autograd_of_the_objective():
     sched, mu = make_scheduler(), 5.0
     a = build_unet(unet_kwargs("tiny", 1, 8), 0)
     anchor = {k: v.clone() + 0.01 for k, v in a.state_dict().items()}  # w != w_global from the start
-    spec = LocalTrainSpec(lr=1e-3, batch_size=8, local_steps=2, prox_mu=mu, grad_clip=0)
-    train_local(a, images, spec, sched, torch.Generator().manual_seed(0), anchor=anchor)
+    spec = LocalTrainSpec(lr=1e-3, batch_size=8, local_steps=2, grad_clip=0)
+    train_local(a, images, spec, sched, torch.Generator().manual_seed(0), terms=[ProxTerm(mu, anchor)])
 
     b = build_unet(unet_kwargs("tiny", 1, 8), 0)
     opt = torch.optim.Adam(b.parameters(), lr=1e-3)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from feddiff.algorithms import Reply, make_strategy
-from feddiff.config import UDecConfig, ULatDecConfig, USplitConfig
+from feddiff.algorithms import Reply, strategy_from as make_strategy
+from feddiff.algorithms.unet_split import UDecConfig, ULatDecConfig, USplitConfig
 from feddiff.model.parts import group_of
 
 
@@ -72,9 +72,10 @@ def test_udec_ulatdec_messages_and_aggregation(cfg, shared):
     first = s.configure(0)
     assert all(set(t.tensors) == set(model_state()) for t in first)  # full model once
     assert all(t.config["personal"] and set(t.config["upload"]) == shared for t in first)
-    later = s.configure(1)
-    assert all({group_of(k) for k in t.tensors} == shared for t in later)
     shared_keys = [k for k in model_state() if group_of(k) in shared]
+    s.aggregate(0, [Reply(c, {k: model_state()[k] for k in shared_keys}, 1) for c in (0, 1)])
+    later = s.configure(1)  # once a client's first reply has arrived, it gets the shared part only
+    assert all({group_of(k) for k in t.tensors} == shared for t in later)
     replies = [Reply(0, {k: torch.full((model_state()[k].numel(),), 2.0) for k in shared_keys}, 1),
                Reply(1, {k: torch.full((model_state()[k].numel(),), 5.0) for k in shared_keys}, 2)]
     s.aggregate(1, replies)
@@ -89,3 +90,28 @@ def test_udec_ulatdec_messages_and_aggregation(cfg, shared):
     t = make_strategy(cfg, 2, seed=0)
     t.load_state_dict(tensors, meta)
     assert all(set(task.tensors) == set(shared_keys) for task in t.configure(2))  # remembers who has the model
+
+
+@pytest.mark.parametrize("cfg", [UDecConfig(), ULatDecConfig()])
+def test_udec_client_whose_first_reply_failed_gets_the_full_model_again(cfg):
+    # marking a client initialised at configure broke it once replies can fail: its personal model
+    # would never receive the private parts
+    s = make_strategy(cfg, 2, seed=0)
+    s.initialize(model_state())
+    s.configure(0)
+    shared_keys = [k for k in model_state() if group_of(k) in s.shared]
+    s.aggregate(0, [Reply(0, {k: model_state()[k] for k in shared_keys}, 1)])  # client 1's reply was lost
+    tasks = {t.client: t for t in s.configure(1)}
+    assert set(tasks[1].tensors) == set(model_state())
+    assert {group_of(k) for k in tasks[0].tensors} == set(s.shared)
+
+
+def test_group_averaging_rejects_unknown_keys_before_writing():
+    s = make_strategy(USplitConfig(), 2, seed=0)
+    s.initialize(model_state())
+    s.configure(0)
+    before = {k: v.clone() for k, v in s.global_state().items()}
+    bad = [Reply(0, {"conv_in.weight": torch.ones(2)}, 1), Reply(1, {"no_such.w": torch.ones(2)}, 1)]
+    with pytest.raises(Exception, match="does not have"):
+        s.aggregate(0, bad)
+    assert all(torch.equal(before[k], v) for k, v in s.global_state().items())

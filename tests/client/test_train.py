@@ -55,7 +55,30 @@ def test_kept_optimizer_state_is_returned_and_used():
 
 
 def test_prox_needs_anchor():
+    from feddiff.algorithms.fedprox import ProxTerm
+
     model, images, sched = setup()
     with pytest.raises(ValueError, match="anchor"):
-        train_local(model, images, LocalTrainSpec(lr=1e-3, batch_size=8, local_steps=1, prox_mu=0.1), sched,
-                    torch.Generator().manual_seed(0))
+        train_local(model, images, LocalTrainSpec(lr=1e-3, batch_size=8, local_steps=1), sched,
+                    torch.Generator().manual_seed(0), terms=[ProxTerm(0.1, {})])
+
+
+def test_sgd_option_is_plain_sgd_and_keeps_its_momentum():
+    # one SGD step without clipping: w <- w - lr * grad, checked against autograd on the same batch
+    from feddiff.data.transforms import to_model_range
+    from feddiff.model.diffusion import denoising_loss
+
+    model, images, sched = setup()
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = LocalTrainSpec(lr=0.1, batch_size=len(images), local_steps=1, grad_clip=0, optimizer="sgd")
+    res = train_local(model, images, spec, sched, torch.Generator().manual_seed(0), optimizer_state={})
+    assert res.optimizer_state == {}  # plain SGD keeps no state
+    twin, g = setup()[0], torch.Generator().manual_seed(0)
+    twin.load_state_dict(ref)
+    x0 = to_model_range(images[torch.randperm(len(images), generator=g)])
+    denoising_loss(twin, x0, sched, g).backward()
+    for n, p in twin.named_parameters():
+        assert torch.allclose(model.state_dict()[n], ref[n] - 0.1 * p.grad, atol=1e-6), n
+    spec_m = LocalTrainSpec(lr=0.1, batch_size=8, local_steps=2, grad_clip=0, optimizer="sgd", momentum=0.9)
+    res = train_local(model, images, spec_m, sched, torch.Generator().manual_seed(1), optimizer_state={})
+    assert res.optimizer_state and all(k.endswith("/momentum_buffer") for k in res.optimizer_state)

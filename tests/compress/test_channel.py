@@ -56,3 +56,20 @@ def test_error_feedback_bounds_accumulated_error():
 def test_error_feedback_needs_delta():
     with pytest.raises(ValueError, match="error_feedback needs mode='delta'"):
         LinkSpec(make_codec("int8"), mode="weights", error_feedback=True)
+
+
+def test_delta_falls_back_per_tensor_when_shapes_change_and_drops_stale_residuals():
+    # after structured pruning a reference or residual of the old shape must never be applied
+    ref = {"w": torch.randn(8), "v": torch.randn(4)}
+    new = {"w": ref["w"] + 0.5, "v": torch.randn(2), "x": torch.randn(3)}  # v shrank, x is new
+    spec = LinkSpec(make_codec("int8"), mode="delta", error_feedback=True)
+    stale = {"w": torch.zeros(8), "v": torch.ones(4)}
+    blob, residual = encode_message(Message(new), spec, ref, stale)
+    out = decode_message(blob, ref)
+    assert set(residual) == {"w"}  # only the tensor that travelled as a delta keeps a residual
+    assert torch.allclose(out.tensors["w"], new["w"], atol=0.01)
+    assert torch.allclose(out.tensors["v"], new["v"], atol=0.02) and out.tensors["x"].shape == (3,)
+    # a receiver whose reference has another shape refuses a delta instead of broadcasting it
+    blob, _ = encode_message(Message({"w": torch.randn(8)}), LinkSpec(mode="delta"), {"w": torch.zeros(8)})
+    with pytest.raises(MessageError, match="shape"):
+        decode_message(blob, {"w": torch.zeros(2, 4)})

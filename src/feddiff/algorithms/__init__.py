@@ -1,28 +1,15 @@
-"""Algorithms: one module per paper algorithm; ``STRATEGIES`` maps config names to classes."""
+"""Algorithms: one module per paper algorithm, each registering itself (``registry.ALGORITHMS``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from feddiff.algorithms import fedavg, fedprox, unet_split  # noqa: F401 - importing registers them
+from feddiff.algorithms.base import (
+    ClientHook, Failure, Reply, Strategy, StrategyContext, StrategyWrapper, Task, Transfer,
+)
+from feddiff.algorithms.registry import (
+    ALGORITHMS, Algorithm, client_hook, get_algorithm, make_strategy, register, strategy_from,
+)
 
-from feddiff.algorithms.base import Reply, Strategy, Task
-from feddiff.algorithms.fedavg import FedAvg
-from feddiff.algorithms.fedprox import FedProx
-from feddiff.algorithms.unet_split import UDec, ULatDec, USplit
-
-STRATEGIES: dict[str, type[Strategy]] = {
-    "fedavg": FedAvg,
-    "fedprox": FedProx,
-    "usplit": USplit,
-    "udec": UDec,
-    "ulatdec": ULatDec,
-}
-
-
-def make_strategy(cfg: Any, num_clients: int, seed: int) -> Strategy:
-    """Build the strategy named by ``cfg.name``."""
-    if cfg.name not in STRATEGIES:
-        raise ValueError(f"unknown algorithm {cfg.name!r}; choose from {sorted(STRATEGIES)}")
-    return STRATEGIES[cfg.name](cfg, num_clients, seed)
-
-
-__all__ = ["STRATEGIES", "Reply", "Strategy", "Task", "make_strategy"]
+__all__ = ["ALGORITHMS", "Algorithm", "ClientHook", "Failure", "Reply", "Strategy", "StrategyContext",
+           "StrategyWrapper", "Task", "Transfer", "client_hook", "get_algorithm", "make_strategy", "register",
+           "strategy_from"]

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-StateDict = dict[str, torch.Tensor]
+from feddiff.types import StateDict, clone_state  # noqa: F401 - clone_state re-exported
 
 
 class AggregationError(ValueError):
@@ -55,7 +55,3 @@ def weighted_mean(states: Sequence[StateDict], weights: Sequence[float]) -> Stat
             acc.add_(s[k].to(acc.device), alpha=wi)
         out[k] = acc
     return out
-
-
-def clone_state(state: StateDict) -> StateDict:
-    return {k: v.detach().clone() for k, v in state.items()}

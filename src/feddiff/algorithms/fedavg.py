@@ -7,8 +7,18 @@ It is FULL in de Goede et al. (2024) and FedDM-vanilla in Vora et al. (2024).
 
 from __future__ import annotations
 
+from typing import Literal
+
 from feddiff.algorithms.aggregate import weighted_mean
-from feddiff.algorithms.base import Reply, Strategy, Task
+from feddiff.algorithms.base import Failure, Reply, Strategy, Task
+from feddiff.algorithms.registry import Algorithm, register
+from feddiff.config import F, AlgorithmConfig
+
+
+class FedAvgConfig(AlgorithmConfig):
+    """FedAvg (McMahan et al. 2017) on the whole U-Net: FULL in de Goede et al., FedDM-vanilla."""
+
+    name: Literal["fedavg"] = F("fedavg", "algorithm: fedavg")
 
 
 class FedAvg(Strategy):
@@ -21,6 +31,9 @@ class FedAvg(Strategy):
         """Instructions for the client runtime; variants (FedProx) add theirs here."""
         return {"round": rnd, "upload": "all"}
 
-    def aggregate(self, rnd: int, replies: list[Reply]) -> dict[str, float]:
+    def aggregate(self, rnd: int, replies: list[Reply], failures: list[Failure] = ()) -> dict[str, float]:
         self.global_model = weighted_mean([r.tensors for r in replies], [r.num_samples for r in replies])
         return {}
+
+
+register(Algorithm("fedavg", FedAvgConfig, FedAvg))

@@ -22,30 +22,53 @@ shared parts (the model it would start the next round from).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from feddiff.algorithms.aggregate import AggregationError, weighted_mean
-from feddiff.algorithms.base import Reply, StateDict, Strategy, Task
+from feddiff.algorithms.base import Failure, Reply, Strategy, StrategyContext, Task
+from feddiff.algorithms.registry import Algorithm, register
+from feddiff.config import F, AlgorithmConfig
 from feddiff.model.parts import group_of, select
 from feddiff.seeding import numpy_rng
+from feddiff.types import StateDict
+
+
+class USplitConfig(AlgorithmConfig):
+    """USPLIT (de Goede et al. 2024): paired clients upload complementary U-Net parts."""
+
+    name: Literal["usplit"] = F("usplit", "algorithm: usplit")
+
+
+class UDecConfig(AlgorithmConfig):
+    """UDEC (de Goede et al. 2024): only the decoder is shared; encoders and latent stay private."""
+
+    name: Literal["udec"] = F("udec", "algorithm: udec")
+
+
+class ULatDecConfig(AlgorithmConfig):
+    """ULATDEC (de Goede et al. 2024): latent + decoder shared; encoders stay private."""
+
+    name: Literal["ulatdec"] = F("ulatdec", "algorithm: ulatdec")
 
 
 def _update_groups(global_model: StateDict, replies: list[Reply]) -> dict[str, int]:
     """Average each tensor over the replies that carry it (weights: sample counts), in place.
 
+    Every reply is checked before anything is written, so a bad reply leaves the model as it was.
     Returns how many clients contributed to each group.
     """
+    unknown = {k for r in replies for k in r.tensors} - set(global_model)
+    if unknown:
+        raise AggregationError(f"replies carry tensors the model does not have: {sorted(unknown)[:5]}")
     contributors: dict[str, int] = {}
+    means: StateDict = {}
     for key in global_model:
         holders = [r for r in replies if key in r.tensors]
         if not holders:
             continue
-        mean = weighted_mean([{key: r.tensors[key]} for r in holders], [r.num_samples for r in holders])
-        global_model[key] = mean[key]
+        means[key] = weighted_mean([{key: r.tensors[key]} for r in holders], [r.num_samples for r in holders])[key]
         contributors[group_of(key)] = len(holders)
-    unknown = {k for r in replies for k in r.tensors} - set(global_model)
-    if unknown:
-        raise AggregationError(f"replies carry tensors the model does not have: {sorted(unknown)[:5]}")
+    global_model.update(means)
     return contributors
 
 
@@ -70,7 +93,7 @@ class USplit(Strategy):
             for c in sorted(assigned)
         ]
 
-    def aggregate(self, rnd: int, replies: list[Reply]) -> dict[str, float]:
+    def aggregate(self, rnd: int, replies: list[Reply], failures: list[Failure] = ()) -> dict[str, float]:
         counts = _update_groups(self.global_model, replies)
         return {f"{g}_clients": float(n) for g, n in sorted(counts.items())}
 
@@ -81,21 +104,22 @@ class UDec(Strategy):
     personalized: ClassVar[bool] = True
     shared: ClassVar[tuple[str, ...]] = ("decoder",)
 
-    def __init__(self, cfg: Any, num_clients: int, seed: int):
-        super().__init__(cfg, num_clients, seed)
-        self.initialized: set[int] = set()
+    def __init__(self, cfg: Any, context: StrategyContext):
+        super().__init__(cfg, context)
+        self.initialized: set[int] = set()  # clients whose full-model round came back
 
     def configure(self, rnd: int) -> list[Task]:
         tasks = []
         for c in self.sample_clients(rnd):
             # the full model once, at a client's first participation; then the shared part only
+            # (marked in aggregate, once its reply has arrived: a failed first round sends the full model again)
             tensors = self.global_model if c not in self.initialized else select(self.global_model, self.shared)
-            self.initialized.add(c)
             tasks.append(Task(c, tensors, {"round": rnd, "upload": list(self.shared), "personal": True}))
         return tasks
 
-    def aggregate(self, rnd: int, replies: list[Reply]) -> dict[str, float]:
+    def aggregate(self, rnd: int, replies: list[Reply], failures: list[Failure] = ()) -> dict[str, float]:
         _update_groups(self.global_model, replies)
+        self.initialized.update(r.client for r in replies)
         return {}
 
     def personal_model(self, personal: StateDict) -> StateDict:
@@ -114,3 +138,8 @@ class ULatDec(UDec):
     """ULATDEC: as UDEC with the latent (mid) block shared too."""
 
     shared: ClassVar[tuple[str, ...]] = ("latent", "decoder")
+
+
+register(Algorithm("usplit", USplitConfig, USplit))
+register(Algorithm("udec", UDecConfig, UDec))
+register(Algorithm("ulatdec", ULatDecConfig, ULatDec))

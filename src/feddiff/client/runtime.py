@@ -1,27 +1,30 @@
-"""The client side of every algorithm: receive tensors, train locally, reply with what was asked.
+"""The client side of every algorithm: load what arrived, train locally, reply with what was asked.
 
-Engine-agnostic: the simulator calls :meth:`ClientRuntime.handle` in-process, a Flower ClientApp
-calls the same method. What a client keeps between rounds lives in :class:`ClientState`.
+Engine-agnostic: the simulator calls :meth:`ClientRuntime.handle` in-process, a Flower ClientApp calls
+the same method in its own process. What a client keeps between rounds lives in one record,
+:class:`ClientState`, which serialises to tensors plus JSON (a checkpoint, or Flower's ``Context.state``).
+What each algorithm adds on the client comes from its :class:`~feddiff.algorithms.base.ClientHook`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import math
-
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from feddiff.algorithms.aggregate import clone_state
+from feddiff.algorithms.base import ClientHook, Reply, Task
 from feddiff.client.train import LocalTrainSpec, train_local
 from feddiff.model.parts import select
+from feddiff.model.spec import ModelSpec
 from feddiff.seeding import global_rng, torch_generator
+from feddiff.types import StateDict, clone_state
 
-StateDict = dict[str, torch.Tensor]
-KNOWN_TASK_KEYS = {"round", "upload", "personal", "prox_mu"}
+# task config keys every client understands; an algorithm's hook adds its own (ClientHook.config_keys)
+BASE_TASK_KEYS = frozenset({"round", "upload", "personal"})
 
 
 def lr_factor(rnd: int, num_rounds: int, schedule: str, min_ratio: float) -> float:
@@ -41,24 +44,34 @@ def lr_factor(rnd: int, num_rounds: int, schedule: str, min_ratio: float) -> flo
 
 @dataclass
 class ClientState:
-    """What a client keeps between rounds: step count, Adam state, a personal model."""
+    """What a client keeps between rounds, as one record.
+
+    ``tensors`` holds the link's state (``rx/`` copy, ``ef/`` residual) and algorithm state under each
+    hook's own prefix (control variates); ``spec`` is the model spec the client last received (None:
+    the spec its config builds).
+    """
 
     steps_done: int = 0
     optimizer: StateDict | None = None
     personal: StateDict | None = None
-    tensors: StateDict = field(default_factory=dict)  # room for algorithm state (control variates, residuals)
+    tensors: StateDict = field(default_factory=dict)
+    spec: dict[str, Any] | None = None
 
-    def to_flat(self, prefix: str) -> tuple[StateDict, dict[str, Any]]:
+    def to_flat(self, prefix: str = "") -> tuple[StateDict, dict[str, Any]]:
+        """(tensors named ``<prefix><part>/<name>``, JSON meta): the record as a checkpoint stores it."""
         flat: StateDict = {}
         for name, part in (("optimizer", self.optimizer), ("personal", self.personal), ("tensors", self.tensors)):
             for k, v in (part or {}).items():
                 flat[f"{prefix}{name}/{k}"] = v
-        meta = {"steps_done": self.steps_done, "has_optimizer": self.optimizer is not None,
-                "has_personal": self.personal is not None}
+        meta: dict[str, Any] = {"steps_done": self.steps_done, "has_optimizer": self.optimizer is not None,
+                                "has_personal": self.personal is not None}
+        if self.spec is not None:
+            meta["spec"] = self.spec
         return flat, meta
 
     @classmethod
-    def from_flat(cls, flat: StateDict, meta: dict[str, Any], prefix: str) -> ClientState:
+    def from_flat(cls, flat: StateDict, meta: dict[str, Any], prefix: str = "") -> ClientState:
+        """Read back what :meth:`to_flat` wrote (other keys of ``flat`` are ignored)."""
         parts: dict[str, StateDict] = {"optimizer": {}, "personal": {}, "tensors": {}}
         for k, v in flat.items():
             if k.startswith(prefix):
@@ -69,63 +82,83 @@ class ClientState:
             optimizer=parts["optimizer"] if meta["has_optimizer"] else None,
             personal=parts["personal"] if meta["has_personal"] else None,
             tensors=parts["tensors"],
+            spec=meta.get("spec"),
         )
 
 
 class ClientRuntime:
-    """Runs a client's round on a shared working model (one model object, reused by all clients)."""
+    """Runs a client's round on a working model per model spec (one model object, reused by all clients).
+
+    Parameters
+    ----------
+    model_for
+        ``model_for(spec)``: the working model of an architecture (built once per spec and cached).
+    base_spec
+        The spec the config builds (a client that was never sent another uses it).
+    hook
+        The algorithm's client half.
+    """
 
     def __init__(
-        self, model: UNet2DModel, scheduler: DDPMScheduler, spec: LocalTrainSpec, seed: int,
-        keep_optimizer_state: bool = False, num_rounds: int = 1, lr_schedule: str = "constant",
-        min_lr_ratio: float = 0.1,
+        self, model_for: Callable[[ModelSpec], UNet2DModel], base_spec: ModelSpec, scheduler: DDPMScheduler,
+        spec: LocalTrainSpec, seed: int, hook: ClientHook | None = None, keep_optimizer_state: bool = False,
+        num_rounds: int = 1, lr_schedule: str = "constant", min_lr_ratio: float = 0.1,
     ):
-        self.model = model
+        self.model_for = model_for
+        self.base_spec = base_spec
         self.scheduler = scheduler
         self.spec = spec
         self.seed = seed
+        self.hook = hook or ClientHook(None)
         self.keep_optimizer_state = keep_optimizer_state
         self.num_rounds, self.lr_schedule, self.min_lr_ratio = num_rounds, lr_schedule, min_lr_ratio
-        self.device = next(model.parameters()).device
+
+    def model_spec(self, state: ClientState) -> ModelSpec:
+        """The architecture this client trains now."""
+        return ModelSpec.from_json(state.spec) if state.spec is not None else self.base_spec
 
     def handle(
-        self, client: int, received: StateDict, config: dict[str, Any], state: ClientState,
-        images: torch.Tensor, progress: Callable[[], None] | None = None,
-    ) -> tuple[StateDict, int, dict[str, float]]:
-        """One round on one client; returns (tensors to upload, num_samples, metrics)."""
-        unknown = set(config) - KNOWN_TASK_KEYS
+        self, task: Task, state: ClientState, images: torch.Tensor, progress: Callable[[], None] | None = None,
+    ) -> Reply:
+        """One round on one client: ``task`` as the client decoded it; returns its reply (not yet encoded)."""
+        client, config = task.client, task.config
+        unknown = set(config) - BASE_TASK_KEYS - self.hook.config_keys
         if unknown:
-            raise ValueError(f"client {client}: unknown task keys {sorted(unknown)}; known: {sorted(KNOWN_TASK_KEYS)}")
+            known = sorted(BASE_TASK_KEYS | self.hook.config_keys)
+            raise ValueError(f"client {client}: unknown task keys {sorted(unknown)}; known: {known}")
         rnd = int(config["round"])
+        model = self.model_for(self.model_spec(state))
+        device = next(model.parameters()).device
 
         # 1. Local model: the received tensors, over the personal model when the client keeps one
+        received = task.tensors
         if config.get("personal"):
             if state.personal is None:
                 state.personal = clone_state(received)  # first participation: the full initial model
             state.personal.update({k: v for k, v in received.items()})
-            self.model.load_state_dict(state.personal, strict=True)
+            model.load_state_dict(state.personal, strict=True)
         else:
-            self.model.load_state_dict(received, strict=True)
+            model.load_state_dict(received, strict=True)
 
-        # 2. Train
+        # 2. Train, with what the algorithm adds
         lr = self.spec.lr * lr_factor(rnd, self.num_rounds, self.lr_schedule, self.min_lr_ratio)
-        spec = replace(self.spec, lr=lr, prox_mu=float(config.get("prox_mu", 0.0)))
-        gen = torch_generator(self.device, self.seed, "train", rnd, client)
+        spec = replace(self.spec, lr=lr)
+        gen = torch_generator(device, self.seed, "train", rnd, client)
         opt_state = (state.optimizer or {}) if self.keep_optimizer_state else None
-        with global_rng(self.device, self.seed, "dropout", rnd, client):
-            result = train_local(
-                self.model, images, spec, self.scheduler, gen, steps_done=state.steps_done,
-                optimizer_state=opt_state, anchor=received if spec.prox_mu > 0 else None, progress=progress,
-            )
+        terms = self.hook.terms(task, state)
+        with global_rng(device, self.seed, "dropout", rnd, client):
+            result = train_local(model, images, spec, self.scheduler, gen, steps_done=state.steps_done,
+                                 optimizer_state=opt_state, terms=terms, progress=progress)
         state.steps_done += result.num_steps
         if self.keep_optimizer_state:
             state.optimizer = clone_state(result.optimizer_state or {})
 
-        # 3. Reply with the parts the server asked for
-        trained = self.model.state_dict()
+        # 3. Reply with the parts the server asked for, and the algorithm's extras
+        trained = model.state_dict()
         if config.get("personal"):
             state.personal = clone_state(trained)
         upload = config.get("upload", "all")
         tensors = trained if upload == "all" else select(trained, upload)
+        extras = self.hook.reply_extras(task, state, trained, result)
         metrics = {"loss": result.loss, "steps": float(result.num_steps), **result.metrics}
-        return tensors, int(images.shape[0]), metrics
+        return Reply(client, tensors, int(images.shape[0]), metrics, extras)

@@ -1,14 +1,15 @@
 """The local training loop: one explicit function, used by every algorithm and both engines.
 
-Options, not subclasses: a proximal term (FedProx, FedDM-prox), kept optimizer state, and a
-warm-up counted over the client's whole life. Later algorithms add their terms here (SCAFFOLD's
-control variates, FedPhD's sparsity regulariser), each guarded by its own option.
+Options, not subclasses: the optimizer (Adam or SGD), kept optimizer state, and a warm-up counted
+over the client's whole life. What an algorithm adds (FedProx's proximal pull, SCAFFOLD's gradient
+correction, a sparsity regulariser, DP clipping) comes as :class:`LocalTerm` objects that the
+algorithm's client hook builds; the loop calls them at fixed points of every step and knows none.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,33 @@ from diffusers import DDPMScheduler, UNet2DModel
 from feddiff.data.transforms import random_flip, to_model_range
 from feddiff.model.diffusion import denoising_loss
 
-StateDict = dict[str, torch.Tensor]
+from feddiff.types import StateDict
+
+
+class LocalTerm:
+    """Something an algorithm adds to every local step. Each method is called at one fixed point.
+
+    The loop calls :meth:`start` once with the parameters, then per step: :meth:`loss` (added to the
+    denoising loss before ``backward``), :meth:`grad` (after ``backward``, before clipping: edit
+    ``p.grad`` in place), :meth:`after_step` (after the optimizer step); :meth:`metrics` at the end.
+    """
+
+    def start(self, names: list[str], params: list[torch.nn.Parameter]) -> None:
+        """Called once before the first step with the model's parameters and their names."""
+
+    def loss(self, model: torch.nn.Module) -> torch.Tensor | None:
+        """An extra loss term of this step (None: nothing)."""
+        return None
+
+    def grad(self) -> None:
+        """Edit the gradients in place (after backward, before clipping)."""
+
+    def after_step(self) -> None:
+        """Called after each optimizer step."""
+
+    def metrics(self) -> dict[str, float]:
+        """Metrics of the round, merged into the client's reply."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -26,6 +53,8 @@ class LocalTrainSpec:
 
     lr: float
     batch_size: int
+    optimizer: str = "adam"  # "adam" | "sgd"
+    momentum: float = 0.0  # sgd
     local_epochs: int = 1
     local_steps: int = 0  # > 0 overrides local_epochs
     warmup_steps: int = 0
@@ -33,7 +62,6 @@ class LocalTrainSpec:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     loss: str = "mse"
     random_flip: bool = False
-    prox_mu: float = 0.0  # FedProx: + (mu/2) * ||w - w_global||^2
     precision: str = "fp32"  # "bf16": autocast the forward pass to bfloat16
 
     def num_steps(self, num_samples: int) -> int:
@@ -48,6 +76,7 @@ class LocalTrainResult:
     loss: float  # mean denoising loss over the round's steps
     metrics: dict[str, float] = field(default_factory=dict)
     optimizer_state: StateDict | None = None
+    lr: float = 0.0  # the round's base learning rate (SCAFFOLD's option II divides by K * lr)
 
 
 def _batches(n: int, batch_size: int, num_steps: int, generator: torch.Generator):
@@ -62,28 +91,48 @@ def _batches(n: int, batch_size: int, num_steps: int, generator: torch.Generator
                 return
 
 
-def adam_state_to_tensors(opt: torch.optim.Adam, names: list[str]) -> StateDict:
-    """Flatten Adam's per-parameter state to named tensors (safetensors-friendly)."""
+OPTIMIZERS = ("adam", "sgd")
+
+
+def make_optimizer(spec: LocalTrainSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The local optimizer of ``spec``: Adam (betas) or SGD (momentum)."""
+    if spec.optimizer == "adam":
+        return torch.optim.Adam(params, lr=spec.lr, betas=tuple(spec.adam_betas))
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum)
+    raise ValueError(f"unknown optimizer {spec.optimizer!r}; choose from {list(OPTIMIZERS)}")
+
+
+def optimizer_state_to_tensors(opt: torch.optim.Optimizer, names: list[str]) -> StateDict:
+    """Flatten the per-parameter state (Adam moments and step, SGD momentum) to named tensors."""
     out: StateDict = {}
     params = opt.param_groups[0]["params"]
     for name, p in zip(names, params):
         st = opt.state.get(p)
-        if st:
-            out[f"{name}/exp_avg"] = st["exp_avg"]
-            out[f"{name}/exp_avg_sq"] = st["exp_avg_sq"]
-            out[f"{name}/step"] = st["step"].reshape(1).to(torch.float64)
+        if not st:
+            continue
+        for key, value in st.items():
+            if value is None:  # SGD without momentum keeps momentum_buffer = None
+                continue
+            out[f"{name}/{key}"] = value.reshape(1).to(torch.float64) if key == "step" else value
     return out
 
 
-def adam_state_from_tensors(opt: torch.optim.Adam, names: list[str], state: StateDict) -> None:
+def optimizer_state_from_tensors(opt: torch.optim.Optimizer, names: list[str], state: StateDict) -> None:
+    """Load what :func:`optimizer_state_to_tensors` wrote into ``opt`` (parameters in the same order)."""
     params = opt.param_groups[0]["params"]
     for name, p in zip(names, params):
-        if f"{name}/exp_avg" in state:
-            opt.state[p] = {
-                "step": state[f"{name}/step"].reshape(()).to(torch.float32).cpu(),
-                "exp_avg": state[f"{name}/exp_avg"].to(p.device).clone(),
-                "exp_avg_sq": state[f"{name}/exp_avg_sq"].to(p.device).clone(),
-            }
+        prefix = f"{name}/"
+        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not own:
+            continue
+        restored = {}
+        for key, value in own.items():
+            if key == "step":
+                restored[key] = value.reshape(()).to(torch.float32).cpu()
+            else:
+                restored[key] = value.to(p.device).clone()
+        opt.state[p] = restored
 
 
 def train_local(
@@ -95,7 +144,7 @@ def train_local(
     *,
     steps_done: int = 0,
     optimizer_state: StateDict | None = None,
-    anchor: StateDict | None = None,
+    terms: Sequence[LocalTerm] = (),
     progress: Callable[[], None] | None = None,
 ) -> LocalTrainResult:
     """Train ``model`` in place on a client's uint8 ``images`` (N, C, H, W) for one round.
@@ -105,26 +154,26 @@ def train_local(
     steps_done
         The client's optimizer steps in earlier rounds; the lr warm-up continues from there.
     optimizer_state
-        Adam state kept from the client's previous round ({} the first time); None: a fresh Adam
-        each round (the default) and no state returned.
-    anchor
-        The weights received this round; required when ``spec.prox_mu > 0``.
+        Optimizer state kept from the client's previous round ({} the first time); None: a fresh
+        optimizer each round (the default) and no state returned.
+    terms
+        What the algorithm adds to each step (:class:`LocalTerm`), in order.
     progress
         Called after every optimizer step (progress bars only; it sees nothing of the training).
 
-    Returns the mean loss and, when ``optimizer_state`` was given, the updated optimizer state.
+    Returns the mean denoising loss, the terms' metrics and, when ``optimizer_state`` was given, the
+    updated optimizer state.
     """
     names = [n for n, _ in model.named_parameters()]
     params = [p for _, p in model.named_parameters()]
     num_steps = spec.num_steps(images.shape[0])
-    if spec.prox_mu > 0 and anchor is None:
-        raise ValueError("train_local: prox_mu > 0 needs the received global weights as anchor")
 
-    # Optimizer: fresh each round unless the client keeps its Adam state
-    opt = torch.optim.Adam(params, lr=spec.lr, betas=tuple(spec.adam_betas))
+    # Optimizer: fresh each round unless the client keeps its state
+    opt = make_optimizer(spec, params)
     if optimizer_state is not None:
-        adam_state_from_tensors(opt, names, optimizer_state)
-    prox_pairs = [(p, anchor[n].to(p.device)) for n, p in zip(names, params)] if spec.prox_mu > 0 else []
+        optimizer_state_from_tensors(opt, names, optimizer_state)
+    for term in terms:
+        term.start(names, params)
 
     model.train()
     loss_sum = torch.zeros((), device=images.device)
@@ -134,33 +183,40 @@ def train_local(
         if spec.random_flip:
             x0 = random_flip(x0, generator)
 
-        # Loss and gradient
+        # Loss and gradient: the denoising loss plus the algorithm's loss terms
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16"):
             loss = denoising_loss(model, x0, scheduler, generator, spec.loss)
+        objective = loss
+        for term in terms:
+            extra = term.loss(model)
+            if extra is not None:
+                objective = objective + extra
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         loss_sum += loss.detach()
 
-        # Proximal term: the gradient of (mu/2)||w - w_global||^2 is mu (w - w_global), added exactly
-        for p, p0 in prox_pairs:
-            p.grad.add_(p.detach() - p0, alpha=spec.prox_mu)
+        # Gradient terms (proximal pull, control-variate correction), exactly, before clipping
+        for term in terms:
+            term.grad()
 
-        # Step: clip, warm-up lr, Adam
+        # Step: clip, warm-up lr, optimizer
         if spec.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
         if spec.warmup_steps > 0:
             opt.param_groups[0]["lr"] = spec.lr * min(1.0, (steps_done + step + 1) / spec.warmup_steps)
         opt.step()
+        for term in terms:
+            term.after_step()
         if progress is not None:
             progress()
 
     metrics: dict[str, float] = {}
-    if prox_pairs:
-        with torch.no_grad():
-            metrics["prox_dist2"] = float(sum(((p - p0) ** 2).sum() for p, p0 in prox_pairs))
+    for term in terms:
+        metrics.update(term.metrics())
     return LocalTrainResult(
         num_steps=num_steps,
         loss=float(loss_sum) / max(num_steps, 1),
         metrics=metrics,
-        optimizer_state=adam_state_to_tensors(opt, names) if optimizer_state is not None else None,
+        optimizer_state=optimizer_state_to_tensors(opt, names) if optimizer_state is not None else None,
+        lr=spec.lr,
     )
