@@ -135,3 +135,26 @@ def test_partition_seed_defaults_to_the_run_seed_and_is_strict(tmp_path):
         p.write_text(json.dumps(c.model_dump(mode="json")))
         assert load_resolved(p) == c
     assert ("partition.seed", "null") in [(k, d) for k, d, _ in describe(Config)]
+
+
+def test_config_lists_every_algorithms_own_fields():
+    # SerializeAsAny hides the annotation behind AlgorithmConfig: the algorithm rows must still appear
+    rows = {k: d for k, _, d in describe(Config)}
+    assert rows["algorithm.mu"].startswith("[fedprox]") and "fedprox" in rows["algorithm.name"]
+
+
+def test_algorithm_section_errors_are_config_errors():
+    from feddiff.config import AlgorithmConfig
+
+    with pytest.raises(ConfigError, match="algorithm"):
+        load_config(None, ["algorithm.name=[1]"])
+    with pytest.raises(Exception, match="fedprox"):
+        Config(algorithm=AlgorithmConfig(name="fedprox"))  # the base class is not FedProx's section
+
+
+def test_optimizer_settings_that_would_be_ignored_are_refused():
+    with pytest.raises(ConfigError, match="train.momentum"):
+        load_config(None, ["train.momentum=0.9"])  # adam has no momentum setting
+    with pytest.raises(ConfigError, match="adam_betas"):
+        load_config(None, ['train.optimizer="sgd"', "train.adam_betas=[0.5, 0.9]"])
+    assert load_config(None, ['train.optimizer="sgd"', "train.momentum=0.9"]).train.momentum == 0.9

@@ -6,7 +6,7 @@ import pytest
 
 from feddiff.cli import main
 from feddiff.config import ConfigError
-from feddiff.engines.simulator import evaluate_checkpoint, run
+from feddiff.engines.simulator import evaluate_checkpoint, resume, run
 
 FID = {"fid_num_samples": 12, "grid_size": 1, "num_inference_steps": 2}
 
@@ -65,3 +65,14 @@ def test_inception_without_weights_is_a_clear_error(make_config, monkeypatch):
     monkeypatch.delenv("FEDDIFF_INCEPTION_WEIGHTS", raising=False)
     with pytest.raises(ConfigError, match="pt_inception-2015-12-05-6726825d.pth"):
         run(make_config(run={"num_rounds": 1}, eval={**FID, "feature_net": "inception"}))
+
+
+def test_federated_reference_is_exact_under_a_lossy_uplink_and_not_asked_again_on_resume(make_config):
+    # feature sums are statistics, not model updates: the uplink codec must not touch them
+    common = dict(data={"max_train_samples": 0}, compress={"uplink": {"codec": "fp16"}})
+    pooled = run(make_config(run={"num_rounds": 1}, eval={**FID, "reference_split": "train"}, **common))
+    fed = run(make_config(run={"num_rounds": 1}, eval={**FID, "federated_reference": True}, **common))
+    assert fed.read_metrics()[-1]["eval"]["fd"] == pytest.approx(pooled.read_metrics()[-1]["eval"]["fd"], rel=1e-6)
+    full = run(make_config(run={"num_rounds": 2}, eval={**FID, "federated_reference": True}, **common))
+    resume(fed.path, ["run.num_rounds=2"])
+    assert fed.read_metrics()[-1]["bytes_cumulative"] == full.read_metrics()[-1]["bytes_cumulative"]

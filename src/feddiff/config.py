@@ -257,18 +257,28 @@ class Config(Section):
         # the registered class of algorithm.name validates the section (no name: the default, fedavg)
         if raw is None:
             raw = {}
+        known = algorithm_configs()
         if isinstance(raw, AlgorithmConfig):
+            if known.get(raw.name) is not type(raw):  # e.g. the base class named "fedprox": no mu
+                raise ValueError(f"a {type(raw).__name__} is not the section of algorithm {raw.name!r}; "
+                                 f"expected {getattr(known.get(raw.name), '__name__', 'a registered algorithm')}")
             return raw
         if not isinstance(raw, dict):
             raise ValueError(f"must be a table of algorithm settings, got {raw!r}")
-        known = algorithm_configs()
         name = raw.get("name", "fedavg")
-        if name not in known:
-            raise ValueError(f"unknown algorithm {name!r}; choose from {sorted(known)}")
+        if not isinstance(name, str) or name not in known:
+            raise ValueError(f"unknown algorithm {name!r} (algorithm.name); choose from {sorted(known)}")
         return known[name].model_validate(raw)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
+        t = self.train
+        if t.optimizer == "adam" and t.momentum != 0:
+            raise ValueError(f"train.momentum = {t.momentum} applies to optimizer = \"sgd\" only (Adam's are "
+                             "train.adam_betas)")
+        if t.optimizer == "sgd" and list(t.adam_betas) != [0.9, 0.999]:
+            raise ValueError(f"train.adam_betas = {list(t.adam_betas)} applies to optimizer = \"adam\" only "
+                             "(SGD's is train.momentum)")
         if self.diffusion.beta_start >= self.diffusion.beta_end:
             raise ValueError(
                 f"diffusion.beta_start ({self.diffusion.beta_start}) must be below "
@@ -400,9 +410,7 @@ def describe(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[st
     for name, field in model.model_fields.items():
         ann = field.annotation
         key = f"{prefix}{name}"
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            rows += describe(ann, key + ".")
-        elif name == "algorithm":
+        if model is Config and name == "algorithm":  # one section, many registered classes: list them all
             configs = algorithm_configs()
             rows.append((f"{key}.name", '"fedavg"', "algorithm: " + " | ".join(configs)))
             rows += [r for r in describe(AlgorithmConfig, key + ".") if not r[0].endswith(".name")]
@@ -410,6 +418,8 @@ def describe(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[st
                 own = set(variant.model_fields) - set(AlgorithmConfig.model_fields)
                 rows += [(k, d, f"[{tag}] {doc}") for k, d, doc in describe(variant, key + ".")
                          if k.rsplit(".", 1)[1] in own]
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += describe(ann, key + ".")
         else:
             rows.append((key, json.dumps(field.default), field.description or ""))
     return rows

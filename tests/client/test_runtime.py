@@ -13,3 +13,14 @@ def test_cosine_schedule_by_hand_and_past_its_end():
     assert [lr_factor(r, 3, "constant", 0.1) for r in range(4)] == [1.0] * 4
     with pytest.raises(ValueError, match="unknown lr schedule 'step'"):
         lr_factor(0, 3, "step", 0.1)
+
+
+def test_client_state_from_flat_ignores_other_keys():
+    import torch
+
+    from feddiff.client.runtime import ClientState
+
+    st = ClientState.from_flat({"strategy/global/x": torch.zeros(1), "loose": torch.zeros(1),
+                                "tensors/ef/w": torch.ones(1)},
+                               {"steps_done": 2, "has_optimizer": False, "has_personal": False})
+    assert st.steps_done == 2 and list(st.tensors) == ["ef/w"]

@@ -82,3 +82,22 @@ def test_sgd_option_is_plain_sgd_and_keeps_its_momentum():
     spec_m = LocalTrainSpec(lr=0.1, batch_size=8, local_steps=2, grad_clip=0, optimizer="sgd", momentum=0.9)
     res = train_local(model, images, spec_m, sched, torch.Generator().manual_seed(1), optimizer_state={})
     assert res.optimizer_state and all(k.endswith("/momentum_buffer") for k in res.optimizer_state)
+
+
+def test_before_step_sees_the_clipped_gradient():
+    from feddiff.client.train import LocalTerm
+
+    class Probe(LocalTerm):
+        norms: list = []
+
+        def start(self, names, params):
+            self.params = params
+
+        def before_step(self):
+            self.norms.append(float(torch.sqrt(sum((p.grad ** 2).sum() for p in self.params))))
+
+    model, images, sched = setup()
+    probe = Probe()
+    spec = LocalTrainSpec(lr=1e-3, batch_size=8, local_steps=3, grad_clip=0.01)
+    train_local(model, images, spec, sched, torch.Generator().manual_seed(0), terms=[probe])
+    assert len(probe.norms) == 3 and all(n <= 0.01 * (1 + 1e-5) for n in probe.norms)

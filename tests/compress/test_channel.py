@@ -73,3 +73,12 @@ def test_delta_falls_back_per_tensor_when_shapes_change_and_drops_stale_residual
     blob, _ = encode_message(Message({"w": torch.randn(8)}), LinkSpec(mode="delta"), {"w": torch.zeros(8)})
     with pytest.raises(MessageError, match="shape"):
         decode_message(blob, {"w": torch.zeros(2, 4)})
+
+
+def test_client_link_drops_residuals_whose_shape_changed():
+    from feddiff.compress.link import ClientLink, LinkSpecs
+
+    link = ClientLink(LinkSpecs(up=LinkSpec(make_codec("int8"), mode="delta", error_feedback=True)), seed=0)
+    tensors = {"ef/w": torch.ones(4), "ef/other": torch.ones(2)}
+    link.send(Message({"w": torch.randn(2)}), tensors, {"w": torch.zeros(3)}, 0, "client0")
+    assert "ef/w" not in tensors and "ef/other" in tensors  # stale one gone, one for another tensor kept

@@ -278,14 +278,19 @@ def test_validator_by_hand():
     from feddiff.engines.validate import validate_reply
 
     expected = {"a": torch.zeros(2), "b": torch.zeros(1, dtype=torch.float64)}
-    ok = Reply(0, {"a": torch.ones(2), "b": torch.ones(1, dtype=torch.float64)}, 5)
+    loss = {"loss": 0.5}
+    ok = Reply(0, {"a": torch.ones(2), "b": torch.ones(1, dtype=torch.float64)}, 5, loss)
     assert validate_reply(ok, expected) is None
-    assert "missing 1" in validate_reply(Reply(0, {"a": torch.ones(2)}, 5), expected)
-    assert "unexpected" in validate_reply(Reply(0, {**ok.tensors, "c": torch.ones(1)}, 5), expected)
-    assert "dtype" in validate_reply(Reply(0, {"a": torch.ones(2), "b": torch.ones(1)}, 5), expected)
-    assert "num_samples 0" in validate_reply(Reply(0, ok.tensors, 0), expected)
+    assert "missing 1" in validate_reply(Reply(0, {"a": torch.ones(2)}, 5, loss), expected)
+    assert "unexpected" in validate_reply(Reply(0, {**ok.tensors, "c": torch.ones(1)}, 5, loss), expected)
+    assert "dtype" in validate_reply(Reply(0, {"a": torch.ones(2), "b": torch.ones(1)}, 5, loss), expected)
+    assert "num_samples 0" in validate_reply(Reply(0, ok.tensors, 0, loss), expected)
     assert "extra e: non-finite" in validate_reply(
-        Reply(0, ok.tensors, 5, extras={"e": torch.tensor([float("nan")])}), expected)
+        Reply(0, ok.tensors, 5, loss, extras={"e": torch.tensor([float("nan")])}), expected)
+    assert "extra e: shape [2]" in validate_reply(
+        Reply(0, ok.tensors, 5, loss, extras={"e": torch.zeros(2)}), expected, None, {"e": torch.zeros(3)})
+    assert "missing 1 extra" in validate_reply(Reply(0, ok.tensors, 5, loss), expected, None, {"e": torch.zeros(3)})
+    assert "no 'loss'" in validate_reply(Reply(0, ok.tensors, 5), expected)
 
 
 # -- setup queries: label histograms for strategies that declare they need them --------------------------
@@ -359,3 +364,69 @@ def test_resume_refuses_a_changed_partition(make_config):
     (rd.path / "partition.json").write_text(json.dumps(part))
     with pytest.raises(RunError, match="partition.json"):
         resume(rd.path, ["run.num_rounds=2"])
+
+
+# -- review findings ------------------------------------------------------------------------------------
+def test_resume_keeps_the_disclosed_histograms(make_config):
+    register(Algorithm("needs-labels", NeedsConfig, NeedsLabels))
+    try:
+        rd = run(make_config(algorithm={"name": "needs-labels"}, run={"num_rounds": 1}))
+        cfg = make_config(algorithm={"name": "needs-labels"}, run={"num_rounds": 2})
+        sim = Simulator(build_experiment(cfg), RunDir(rd.path))
+        sim.resume()
+        hist = json.loads((rd.path / "partition.json").read_text())["label_histograms"]
+        assert {k: v["label_histogram"].tolist() for k, v in sim.exp.strategy.client_info.items()} == dict(
+            enumerate(hist))
+    finally:
+        ALGORITHMS.pop("needs-labels", None)
+
+
+def test_a_client_that_raised_keeps_its_record_unchanged(make_config):
+    class Boom(SimulatorEngine):
+        def send_and_receive(self, rnd, messages, events):
+            self.node.runtime.hook = _RaiseFor(client=1, rnd=0)
+            return super().send_and_receive(rnd, messages, events)
+
+    cfg = make_config(algorithm={"name": "udec"}, run={"num_rounds": 1}, eval={"grid_size": 0, "loss_num_samples": 0})
+    sim = Simulator(build_experiment(cfg), RunDir.create(cfg.run.out_dir, "boom"))
+    sim.engine = Boom(sim.exp)
+    sim.initialize()
+    sim.run()
+    assert 1 not in sim.engine.personal_models() and 0 in sim.engine.personal_models()
+    assert sim.engine.clients[1].steps_done == 0
+
+
+@pytest.mark.parametrize("metrics,reason", [({"loss": None}, "loss"), ({"loss": 0.1, "id": 7}, "id"),
+                                            ({}, "loss")])
+def test_reply_metrics_are_checked(make_config, metrics, reason):
+    from feddiff.compress import wire
+
+    def fault(rnd, inc):
+        if inc.client != 0:
+            return inc
+        msg = wire.decode(inc.blob)
+        msg.meta["metrics"] = metrics
+        return Incoming(inc.client, wire.encode(msg))
+
+    sim, rd = _run_with(make_config, fault)
+    first = rd.read_metrics()[0]
+    assert first["rejected"][0]["id"] == 0 and reason in first["rejected"][0]["reason"]
+    assert [c["id"] for c in first["clients"]] == [1]
+
+
+class Twice(FedAvg):
+    def configure(self, rnd):
+        return super().configure(rnd) + [super().configure(rnd)[0]]
+
+
+class TwiceConfig(AlgorithmConfig):
+    name: Literal["twice"] = F("twice", "algorithm: twice")
+
+
+def test_two_tasks_for_one_client_are_a_clear_error(make_config):
+    register(Algorithm("twice", TwiceConfig, Twice))
+    try:
+        with pytest.raises(ValueError, match="two tasks for client 0"):
+            run(make_config(algorithm={"name": "twice"}, run={"num_rounds": 1}))
+    finally:
+        ALGORITHMS.pop("twice", None)

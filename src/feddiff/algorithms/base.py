@@ -75,8 +75,8 @@ class Transfer:
     """Tensors passing between server tiers (edge -> cloud, cloud -> edge), carried through the links.
 
     ``direction`` is "up" toward the central server, "down" away from it; the link's codec of that
-    direction encodes the tensors (as weights), and the ledger counts the bytes on ``link`` at ``src``
-    (up) or ``dst`` (down).
+    direction encodes the tensors (as weights) and ``meta`` travels in the message header (JSON, exact);
+    the ledger counts the bytes on ``link`` at ``src`` (up) or ``dst`` (down).
     """
 
     src: str
@@ -124,6 +124,7 @@ class Strategy:
     shared: ClassVar[tuple[str, ...] | None] = None  # personal-model algorithms: the groups that are shared
     # client facts the strategy asks for before round 1 (disclosed by each client, counted in the ledger)
     needs: ClassVar[tuple[str, ...]] = ()
+    client_link: ClassVar[str] = "client-server"  # the link clients talk to the server on (setup queries too)
 
     def __init__(self, cfg: Any, context: StrategyContext):
         self.cfg = cfg
@@ -204,6 +205,14 @@ class Strategy:
         """
         return []
 
+    def expected_extras(self, task: Task) -> StateDict | None:
+        """The extras a valid reply carries, with their shapes and dtypes; None: not checked (the default)."""
+        return None
+
+    def round_metrics(self, rnd: int) -> dict[str, Any]:
+        """What the strategy records about round ``rnd`` after its exchanges (edge choices, central weights)."""
+        return {}
+
     def expected_upload(self, task: Task) -> set[str]:
         """The model tensor names a valid reply to ``task`` carries (the validator checks them)."""
         upload = task.config.get("upload", "all")
@@ -222,11 +231,19 @@ class Strategy:
     def state_dict(self) -> tuple[StateDict, dict[str, Any]]:
         """Tensors and JSON-able state needed to resume exactly."""
         meta = {"spec": self.spec.to_json()} if self.spec is not None else {}
-        return {f"global/{k}": v for k, v in self.global_model.items()}, meta
+        tensors = {f"global/{k}": v for k, v in self.global_model.items()}
+        for c, info in sorted(self.client_info.items()):  # what clients disclosed is not asked again
+            tensors.update({f"info/{c}/{name}": v for name, v in info.items()})
+        return tensors, meta
 
     def load_state_dict(self, tensors: StateDict, meta: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         self.global_model = {k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")}
+        self.client_info = {}
+        for key, v in tensors.items():
+            if key.startswith("info/"):
+                c, name = key.removeprefix("info/").split("/", 1)
+                self.client_info.setdefault(int(c), {})[name] = v
         if "spec" in meta:
             self.spec = ModelSpec.from_json(meta["spec"])
 
@@ -246,9 +263,19 @@ class StrategyWrapper(Strategy):
             raise AttributeError(name)
         return getattr(self.inner, name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # state the inner strategy owns (global_model, spec, initialized, ...) is written there, so a wrapper
+        # method that assigns self.global_model changes the model that is checkpointed and exported
+        if name != "inner" and name not in type(self).__dict__ and "inner" in self.__dict__ and hasattr(
+                self.inner, name):
+            setattr(self.inner, name, value)
+        else:
+            object.__setattr__(self, name, value)
+
     personalized = property(lambda self: self.inner.personalized)  # type: ignore[assignment]
     shared = property(lambda self: self.inner.shared)  # type: ignore[assignment]
     needs = property(lambda self: self.inner.needs)  # type: ignore[assignment]
+    client_link = property(lambda self: self.inner.client_link)  # type: ignore[assignment]
 
     def initialize(self, initial: StateDict, spec: ModelSpec | None = None) -> None:
         self.inner.initialize(initial, spec)
@@ -267,6 +294,12 @@ class StrategyWrapper(Strategy):
 
     def exchange(self, rnd: int, arrived: list[Transfer]) -> list[Transfer]:
         return self.inner.exchange(rnd, arrived)
+
+    def round_metrics(self, rnd: int) -> dict[str, Any]:
+        return self.inner.round_metrics(rnd)
+
+    def expected_extras(self, task: Task) -> StateDict | None:
+        return self.inner.expected_extras(task)
 
     def expected_upload(self, task: Task) -> set[str]:
         return self.inner.expected_upload(task)

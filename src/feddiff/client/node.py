@@ -81,8 +81,8 @@ class ClientNode:
         tensors: StateDict = {}
         for name in names:
             tensors.update({f"{name}/{k}" if k else name: v for k, v in self.answers[name](data).items()})
-        out = Message(tensors, {"num_samples": int(data.images.shape[0])})
-        return self.link.send(out, state.tensors, {}, QUERY_ROUND, client_node(client))
+        # answers are statistics the server uses as they are: never through the uplink's lossy codec
+        return self.link.send_exact(Message(tensors, {"num_samples": int(data.images.shape[0])}))
 
 
 def label_histogram(data: ClientData) -> StateDict:

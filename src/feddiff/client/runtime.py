@@ -57,6 +57,13 @@ class ClientState:
     tensors: StateDict = field(default_factory=dict)
     spec: dict[str, Any] | None = None
 
+    def copy(self) -> ClientState:
+        """A record that can change without changing this one (tensors are shared: they are replaced, never
+        written in place)."""
+        return ClientState(self.steps_done, dict(self.optimizer) if self.optimizer is not None else None,
+                           dict(self.personal) if self.personal is not None else None, dict(self.tensors),
+                           self.spec)
+
     def to_flat(self, prefix: str = "") -> tuple[StateDict, dict[str, Any]]:
         """(tensors named ``<prefix><part>/<name>``, JSON meta): the record as a checkpoint stores it."""
         flat: StateDict = {}
@@ -74,8 +81,8 @@ class ClientState:
         """Read back what :meth:`to_flat` wrote (other keys of ``flat`` are ignored)."""
         parts: dict[str, StateDict] = {"optimizer": {}, "personal": {}, "tensors": {}}
         for k, v in flat.items():
-            if k.startswith(prefix):
-                name, rest = k[len(prefix):].split("/", 1)
+            name, sep, rest = k[len(prefix):].partition("/") if k.startswith(prefix) else ("", "", "")
+            if sep and name in parts:
                 parts[name][rest] = v
         return cls(
             steps_done=int(meta["steps_done"]),

@@ -26,7 +26,8 @@ class LocalTerm:
 
     The loop calls :meth:`start` once with the parameters, then per step: :meth:`loss` (added to the
     denoising loss before ``backward``), :meth:`grad` (after ``backward``, before clipping: edit
-    ``p.grad`` in place), :meth:`after_step` (after the optimizer step); :meth:`metrics` at the end.
+    ``p.grad`` in place), :meth:`before_step` (after clipping, before the step), :meth:`after_step`
+    (after the optimizer step); :meth:`metrics` at the end.
     """
 
     def start(self, names: list[str], params: list[torch.nn.Parameter]) -> None:
@@ -38,6 +39,9 @@ class LocalTerm:
 
     def grad(self) -> None:
         """Edit the gradients in place (after backward, before clipping)."""
+
+    def before_step(self) -> None:
+        """Called after clipping, just before the optimizer step (DP noise goes here)."""
 
     def after_step(self) -> None:
         """Called after each optimizer step."""
@@ -204,6 +208,8 @@ def train_local(
             torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
         if spec.warmup_steps > 0:
             opt.param_groups[0]["lr"] = spec.lr * min(1.0, (steps_done + step + 1) / spec.warmup_steps)
+        for term in terms:
+            term.before_step()
         opt.step()
         for term in terms:
             term.after_step()

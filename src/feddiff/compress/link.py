@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from feddiff.compress.channel import LinkSpec, decode_message, encode_message
+from feddiff.compress import wire
 from feddiff.compress.wire import Message, MessageError
 from feddiff.seeding import torch_generator
 from feddiff.types import StateDict
@@ -106,15 +107,15 @@ class ServerLink:
         """The ledger's entry for a message that crossed the link."""
         self.record(link, direction, node, nbytes)
 
-    def transfer(self, link: str, direction: str, src: str, dst: str, tensors: StateDict, rnd: int) -> StateDict:
-        """Carry tensors between two server tiers: encode as weights with the direction's codec, count the
-        bytes (at the lower tier's node), and return what the receiver decodes."""
+    def transfer(self, link: str, direction: str, src: str, dst: str, msg: Message, rnd: int) -> Message:
+        """Carry a message between two server tiers: encode it as weights with the direction's codec, count
+        the bytes (at the lower tier's node), and return what the receiver decodes."""
         spec = self.specs.up if direction == "up" else self.specs.down
         node = src if direction == "up" else dst
-        blob, _ = encode_message(Message(tensors), LinkSpec(spec.codec), None,
+        blob, _ = encode_message(msg, LinkSpec(spec.codec), None,
                                  generator=codec_generator(self.seed, f"{link}-{direction}", rnd, node))
         self.record(link, direction, node, len(blob))
-        return decode_message(blob).tensors
+        return decode_message(blob)
 
     def forget(self, node: str) -> None:
         """Drop the record of a node's copy (its next message goes as weights)."""
@@ -150,11 +151,19 @@ class ClientLink:
     def send(self, msg: Message, tensors: StateDict, received: StateDict, rnd: int, node: str) -> bytes:
         """Encode a reply: deltas against what this round received, with error feedback (``ef/``) if set."""
         spec = self.specs.up
+        for k, v in msg.tensors.items():  # a residual of another shape (the model was pruned) never applies again
+            old = tensors.get(f"ef/{k}")
+            if old is not None and tuple(old.shape) != tuple(v.shape):
+                del tensors[f"ef/{k}"]
         blob, residual = encode_message(msg, spec, received, _prefixed(tensors, "ef/"),
                                         generator=codec_generator(self.seed, "up", rnd, node))
         if residual is not None:
             tensors.update({f"ef/{k}": v for k, v in residual.items()})
         return blob
+
+    def send_exact(self, msg: Message) -> bytes:
+        """Encode an answer that must arrive exactly (statistics, label counts): no codec, no delta."""
+        return wire.encode(msg)
 
 
 __all__ = ["EXTRA", "ClientLink", "LinkSpecs", "MessageError", "ServerLink", "pack", "unpack"]

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from diffusers import DDPMPipeline
 
 from feddiff.algorithms.base import Failure, Reply, Task, Transfer
+from feddiff.client.node import QUERY_ROUND
 from feddiff.compress.link import ServerLink, pack, unpack
 from feddiff.compress.wire import Message, MessageError
 from feddiff.engines.progress import RoundProgress
@@ -136,22 +137,34 @@ class Server:
         """Ask ``clients`` for ``names`` (label_histogram, feature_sums, ...); their answers by client."""
         out = []
         for c in clients:
-            blob, _ = self.link.send(link, client_node(c), Message({}, {"query": names}), -1)
+            blob, _ = self.link.send(link, client_node(c), Message({}, {"query": names}), QUERY_ROUND)
             out.append(Outgoing(c, link, blob))
         answers: dict[int, StateDict] = {}
-        for inc in engine.send_and_receive(-1, out, RoundEvents()):
+        asked = set(clients)
+        for inc in engine.send_and_receive(QUERY_ROUND, out, RoundEvents()):
+            if inc.client not in asked or inc.client in answers:
+                continue  # an answer nobody asked for, or a second one: ignored
             if inc.error is not None or inc.blob is None:
                 raise RunError(f"client {inc.client} did not answer the query {names}: {inc.error}")
             self.link.count(link, "up", client_node(inc.client), len(inc.blob))
-            answers[inc.client] = self.link.receive(inc.blob, {}).tensors
+            try:
+                answers[inc.client] = self.link.receive(inc.blob, {}).tensors
+            except MessageError as err:
+                raise RunError(f"client {inc.client}'s answer to the query {names} is unreadable: {err}") from None
+        missing = sorted(asked - set(answers))
+        if missing:
+            raise RunError(f"clients {missing} did not answer the query {names}")
         return answers
 
     def setup(self, engine: Engine, reference: Callable[[Engine], None] | None = None) -> None:
         """Collect what the strategy declared it needs (once per run) and federated reference statistics."""
         needs = list(self.strategy.needs)
         if needs and not self.info_received:
-            answers = self.query(engine, needs, LINK, list(range(self.exp.num_clients)))
+            answers = self.query(engine, needs, self.strategy.client_link, list(range(self.exp.num_clients)))
             for c, tensors in sorted(answers.items()):
+                lacking = [n for n in needs if n not in tensors]
+                if lacking:
+                    raise RunError(f"client {c}'s answer lacks {lacking} (the strategy needs {needs})")
                 self.strategy.receive_info(c, {n: tensors[n] for n in needs})
             self.info_received = True
         if reference is not None:
@@ -185,7 +198,7 @@ class Server:
         known = self.exp.num_samples[task.client] if self.exp.num_samples is not None else None
         reply = Reply(task.client, tensors, known if known is not None else claimed, metrics, extras,
                       claimed_samples=claimed)
-        reason = validate_reply(reply, expected, known)
+        reason = validate_reply(reply, expected, known, self.strategy.expected_extras(task))
         if reason is not None:
             return Failure(task.client, f"rejected: {reason}")
         if known is None or claimed == known:
@@ -195,6 +208,12 @@ class Server:
     def run_round(self, rnd: int, engine: Engine, progress: RoundProgress) -> tuple[list[Task], RoundResult]:
         """Configure, deliver, decode and validate one round; aggregation is the caller's next step."""
         tasks = self.strategy.configure(rnd)
+        seen: set[int] = set()
+        for t in tasks:
+            if t.client in seen:
+                raise ValueError(f"{type(self.strategy).__name__}.configure({rnd}) returned two tasks for client "
+                                 f"{t.client}; one task per client and round")
+            seen.add(t.client)
         total_steps = sum(self.exp.steps_per_round(t.client) for t in tasks)
         progress.start_round(rnd, [t.client for t in tasks], total_steps)
         messages, delivered = [], {}
@@ -207,6 +226,8 @@ class Server:
         results: dict[int, tuple[Incoming, Reply | Failure]] = {}
 
         def done(inc: Incoming) -> None:  # decode as each reply comes in, so the live bar shows its loss
+            if inc.client not in by_client:
+                return  # an answer to nothing this round asked: ignored
             task = by_client[inc.client]
             wanted = self.strategy.expected_upload(task)
             missing = wanted - set(global_state)
@@ -243,9 +264,13 @@ class Server:
 
     def carry(self, rnd: int, transfers: list[Transfer]) -> list[Transfer]:
         """Carry transfers between server tiers through the links' codecs; the ledger counts them."""
-        return [Transfer(t.src, t.dst, t.link, self.link.transfer(t.link, t.direction, t.src, t.dst,
-                                                                  t.tensors, rnd), dict(t.meta), t.direction)
-                for t in transfers]
+        if not {t.direction for t in transfers} <= {"up", "down"}:
+            raise ValueError(f"transfer directions must be 'up' or 'down', got {sorted({t.direction for t in transfers})}")
+        out = []
+        for t in transfers:
+            got = self.link.transfer(t.link, t.direction, t.src, t.dst, Message(t.tensors, dict(t.meta)), rnd)
+            out.append(Transfer(t.src, t.dst, t.link, got.tensors, got.meta, t.direction))
+        return out
 
     # -- the loop --------------------------------------------------------------------------
     def run(self, engine: Engine, reference: Callable[[Engine], None] | None = None) -> RunDir:
@@ -280,6 +305,7 @@ class Server:
             arrived: list[Transfer] = []
             while transfers := self.strategy.exchange(rnd, arrived):
                 arrived = self.carry(rnd, transfers)
+            agg_metrics.update(self.strategy.round_metrics(rnd))
         t_agg = time.perf_counter() - t_agg
         comm = self.ledger.close_round()
 
@@ -311,13 +337,13 @@ class Server:
         link_of = {t.client: t.link for t in tasks}
         for r in outcome.replies:  # the round's own messages; evaluation traffic is its own link
             node = comm["bytes_per_node"].get(link_of[r.client], {}).get(client_node(r.client), {})
-            row = {"id": r.client, "num_samples": r.num_samples, **r.metrics,
+            row = {**r.metrics, "id": r.client, "num_samples": r.num_samples,
                    "bytes_down": node.get("down", 0), "bytes_up": node.get("up", 0)}
             if r.claimed_samples is not None:
                 row["claimed_samples"] = r.claimed_samples
             rows.append(row)
         n_total = sum(r.num_samples for r in outcome.replies)
-        loss = sum(r.metrics.get("loss", 0.0) * r.num_samples for r in outcome.replies) / n_total if n_total else None
+        loss = sum(r.metrics["loss"] * r.num_samples for r in outcome.replies) / n_total if n_total else None
         record: dict[str, Any] = {
             "round": rnd + 1, "loss": loss, "clients": rows, **agg_metrics,
             **{k: v for k, v in comm.items() if k != "bytes_per_node"},
@@ -437,11 +463,15 @@ def load_checkpoint(run_dir: RunDir, rnd: int | None, set_aside: bool) -> tuple[
 
 
 def round_line(rec: dict[str, Any], num_rounds: int) -> str:
-    """The one line a round prints."""
-    b = rec["bytes"].get(LINK, {"down": 0, "up": 0})
+    """The one line a round prints (bytes of the client links: client-server or client-edge)."""
+    client_links = [v for k, v in rec["bytes"].items() if k.startswith("client-")]
+    b = {d: sum(v[d] for v in client_links) for d in ("down", "up")}
     loss = f"{rec['loss']:.4f}" if rec["loss"] is not None else "-"
     line = (f"round {rec['round']:>3}/{num_rounds}  loss {loss}  clients {len(rec['clients'])}  "
             f"down {_fmt_bytes(b['down'])}  up {_fmt_bytes(b['up'])}  {rec['time_s']['round']:.1f}s")
+    cloud = rec["bytes"].get("edge-cloud")
+    if cloud:
+        line += f"  edge-cloud {_fmt_bytes(cloud['up'] + cloud['down'])}"
     if rec.get("rejected"):
         line += f"  rejected {len(rec['rejected'])}"
     if "eval" in rec:

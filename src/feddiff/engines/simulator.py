@@ -29,7 +29,7 @@ from feddiff.evaluate import Evaluator, build_quality, load_feature_network
 from feddiff.experiment import Experiment, build_experiment, load_split, partition_record
 from feddiff.metrics.cost import model_cost
 from feddiff.metrics.fid import FeatureStats
-from feddiff.metrics.quality import extract_features
+from feddiff.metrics.quality import extract_features, load_stats, save_stats
 from feddiff.runs import RunDir, RunError
 from feddiff.types import StateDict
 
@@ -54,20 +54,28 @@ class SimulatorEngine:
         out = []
         for i, m in enumerate(messages):
             events.start(m.client, i, len(messages))
+            record = self.clients[m.client].copy()  # a client that fails mid-round keeps its old record
             try:
-                blob = self.node.handle(m.client, m.blob, self.clients[m.client], self.exp.client_data[m.client],
+                blob = self.node.handle(m.client, m.blob, record, self.exp.client_data[m.client],
                                         progress=events.step)
                 inc = Incoming(m.client, blob)
+                self.clients[m.client] = record
             except Exception as err:  # noqa: BLE001 - a client's failure is reported, not the run's end
                 inc = Incoming(m.client, error=f"{type(err).__name__}: {err}")
             events.done(inc)
             out.append(inc)
         return out
 
+    def answer_feature_sums(self, net) -> None:
+        """Let clients answer the ``feature_sums`` query (federated reference statistics) with ``net``."""
+        self.node.answers["feature_sums"] = lambda data: feature_sums(net, data)
+
     def personal_models(self) -> dict[int, StateDict]:
+        """Each client's personal model (UDEC/ULATDEC), read from the records this engine keeps."""
         return {k: st.personal for k, st in enumerate(self.clients) if st.personal is not None}
 
     def state_dict(self) -> tuple[StateDict, dict[str, Any]]:
+        """Every client's record, as ``client/<k>/...`` tensors and per-client JSON."""
         tensors: StateDict = {}
         meta = {}
         for k, st in enumerate(self.clients):
@@ -77,6 +85,7 @@ class SimulatorEngine:
         return tensors, meta
 
     def load_state_dict(self, tensors: StateDict, meta: dict[str, Any]) -> None:
+        """Restore the records :meth:`state_dict` wrote."""
         for k, m in meta.items():
             self.clients[int(k)] = ClientState.from_flat(tensors, m, f"client/{k}/")
 
@@ -99,21 +108,28 @@ class Simulator:
         """Feature network and reference statistics (when eval.fid_num_samples > 0).
 
         With ``eval.federated_reference`` the server asks every client for the feature sums of its own
-        train images (a query on the ``eval`` link, counted each time it is asked), never an image.
+        train images (a query on the ``eval`` link, counted), never an image; the summed statistics are kept
+        in the run folder, so a resume or ``feddiff eval`` does not ask again.
         """
         cfg, exp = self.cfg, self.exp
         if cfg.eval.fid_num_samples == 0 or self._quality_ready:
             return
         net = load_feature_network(cfg, exp.device, log=lambda m: print(m, flush=True))
         if cfg.eval.federated_reference:
-            self.engine.node.answers["feature_sums"] = lambda data: feature_sums(net, data)
-            answers = self.server.query(engine or self.engine, ["feature_sums"], EVAL_LINK,
-                                        list(range(exp.num_clients)))
-            total = None
-            for _, got in sorted(answers.items()):
-                part = FeatureStats(float(got["feature_sums/n"]), got["feature_sums/sum"].numpy(),
-                                    got["feature_sums/outer"].numpy())
-                total = part if total is None else total + part
+            # asked once per run and kept in the run folder: a resume or `feddiff eval` sends nothing again
+            kept = self.run_dir.path / f"federated-reference-{net.name}-{str(net.weights_id)[:16]}.npz"
+            if kept.exists():
+                total = load_stats(kept)
+            else:
+                self.engine.answer_feature_sums(net)
+                answers = self.server.query(engine or self.engine, ["feature_sums"], EVAL_LINK,
+                                            list(range(exp.num_clients)))
+                total = None
+                for _, got in sorted(answers.items()):
+                    part = FeatureStats(float(got["feature_sums/n"]), got["feature_sums/sum"].numpy(),
+                                        got["feature_sums/outer"].numpy())
+                    total = part if total is None else total + part
+                save_stats(kept, total)
             quality = build_quality(cfg, net, None, total)
         else:
             ref = load_split(cfg, cfg.eval.reference_split)
