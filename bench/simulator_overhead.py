@@ -23,7 +23,7 @@ import torch
 from feddiff.config import config_from_dict
 from feddiff.data.transforms import to_model_range
 from feddiff.engines.simulator import Simulator
-from feddiff.experiment import build_experiment
+from feddiff.engines.experiment import build_experiment
 from feddiff.model.diffusion import denoising_loss
 from feddiff.runs import RunDir
 

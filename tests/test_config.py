@@ -87,12 +87,16 @@ def test_every_field_documented():
 def test_shipped_configs_load():
     from pathlib import Path
 
+    from feddiff.sweep import plan
+
     for p in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.toml")):
-        load_config(p)
+        cfg = load_config(p)
+        if cfg.sweep.grid or cfg.sweep.variants:  # every point of a shipped sweep is a valid config too
+            plan(p)
 
 
 def test_device_choice_and_cuda_determinism(monkeypatch):
-    from feddiff.experiment import pick_device
+    from feddiff.engines.experiment import pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert pick_device("auto").type == "cpu"
@@ -158,3 +162,11 @@ def test_optimizer_settings_that_would_be_ignored_are_refused():
     with pytest.raises(ConfigError, match="adam_betas"):
         load_config(None, ['train.optimizer="sgd"', "train.adam_betas=[0.5, 0.9]"])
     assert load_config(None, ['train.optimizer="sgd"', "train.momentum=0.9"]).train.momentum == 0.9
+
+
+def test_a_whole_section_can_be_replaced_by_an_inline_table():
+    # sweeps compare algorithms whose sections have different fields: a variant replaces the table
+    cfg = load_config(None, ['algorithm={name="fedprox", mu=0.5}'])
+    assert cfg.algorithm.name == "fedprox" and cfg.algorithm.mu == 0.5
+    with pytest.raises(ConfigError, match="inline table"):
+        load_config(None, ["algorithm=3"])

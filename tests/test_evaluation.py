@@ -6,7 +6,7 @@ import pytest
 
 from feddiff.cli import main
 from feddiff.config import ConfigError
-from feddiff.engines.simulator import evaluate_checkpoint, resume, run
+from feddiff.engines.runner import evaluate_checkpoint, resume, run
 
 FID = {"fid_num_samples": 12, "grid_size": 1, "num_inference_steps": 2}
 

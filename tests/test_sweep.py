@@ -230,7 +230,7 @@ def test_summary_table_shows_the_point_name():
 
 def _split_hashes(p, overrides=()):
     from feddiff.data.partition import partition_hash
-    from feddiff.experiment import partition_train
+    from feddiff.engines.experiment import partition_train
     from tests.conftest import synthetic_images
 
     _, labels = synthetic_images(400, 0)

@@ -3,7 +3,7 @@
 Quick use::
 
     from feddiff.config import load_config
-    from feddiff.engines.simulator import run
+    from feddiff.engines.runner import run
 
     run_dir = run(load_config("configs/quickstart.toml"))
 """

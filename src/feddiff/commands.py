@@ -25,7 +25,7 @@ def _console() -> Console:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from feddiff.engines.simulator import resume, run
+    from feddiff.engines.runner import resume, run
 
     if args.resume:
         if args.config:
@@ -55,7 +55,7 @@ def _sampling_model(run_dir: RunDir, cfg, client: int | None):
 
     from feddiff.algorithms import StrategyContext, make_strategy
     from feddiff.client.runtime import ClientState
-    from feddiff.experiment import model_spec
+    from feddiff.engines.experiment import model_spec
     from feddiff.model.spec import build_model
 
     strategy = make_strategy(cfg, StrategyContext(cfg.partition.num_clients, cfg.run.seed))
@@ -82,7 +82,7 @@ def _sampling_model(run_dir: RunDir, cfg, client: int | None):
     weights = strategy.global_state()
     source = f"checkpoint after round {rnd}"
     if client is not None:
-        held = sorted(int(k) for k, meta in state["clients"].items() if meta["has_personal"])
+        held = sorted(int(k) for k, meta in state["clients"].items() if k.isdigit() and meta["has_personal"])
         if client not in held:
             raise RunError(f"{run_dir.path}: client {client} has no personal model after round {rnd}; "
                            f"clients with one: {held or 'none'}")
@@ -97,7 +97,7 @@ def _sampling_model(run_dir: RunDir, cfg, client: int | None):
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from feddiff.data.transforms import make_grid, save_png, to_uint8
-    from feddiff.experiment import pick_device
+    from feddiff.engines.experiment import pick_device
     from feddiff.model.diffusion import make_scheduler, sample
     from feddiff.seeding import torch_generator
 
@@ -126,7 +126,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_partition(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from feddiff.experiment import load_split, partition_record, partition_train
+    from feddiff.engines.experiment import load_split, partition_record, partition_train
 
     cfg = load_config(args.config, args.overrides)
     train = load_split(cfg, "train")  # as `feddiff run` reads it
@@ -233,7 +233,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from feddiff.engines.simulator import evaluate_checkpoint
+    from feddiff.engines.runner import evaluate_checkpoint
 
     overrides = [f"eval.fid_num_samples={args.num_samples}", f"eval.grid_size={args.grid}"]
     for key, value in (("feature_net", args.feature_net), ("sampler", args.sampler),
@@ -262,7 +262,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from feddiff.evaluate import DOMAIN_NET_SEED, cache_dir
+    from feddiff.engines.evaluate import DOMAIN_NET_SEED, cache_dir
     from feddiff.config import EvalConfig
     from feddiff.metrics.features import train_domain_classifier
 

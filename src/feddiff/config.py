@@ -79,8 +79,9 @@ class PartitionConfig(Section):
     alpha: float = F(0.5, "Dirichlet concentration (dirichlet: label skew; quantity: size skew)", gt=0)
     min_samples: int = F(10, "minimum samples per client; dirichlet/quantity resample until met", ge=1)
     classes_per_client: int = F(2, "pathological: classes each client holds", ge=1)
-    shard_rule: Literal["random", "fedphd"] = F(
-        "random", "pathological: random class choice (NIID-Bench #C=k) or FedPhD's deterministic shards"
+    shard_rule: Literal["random", "fedphd", "fedphd-proportional"] = F(
+        "random", "pathological: random class choice (NIID-Bench #C=k), FedPhD's deterministic shards, or FedPhD's "
+        "CelebA split (one class per client, clients per class in proportion to class size)"
     )
     seed: int | None = F(
         None, "seed of the data split (partition and data.max_train_samples subset); unset = run.seed"
@@ -128,6 +129,11 @@ class TrainConfig(Section):
     grad_clip: float = F(1.0, "clip the gradient norm to this; 0 = off", ge=0)
     keep_optimizer_state: bool = F(
         False, "keep each client's optimizer state (Adam moments, SGD momentum) between rounds (default: fresh each round)"
+    )
+    optimizer_scope: Literal["client", "shared"] = F(
+        "client", "client = each client its own optimizer; shared = one optimizer state and warm-up counter "
+        "carried from client to client across rounds, as FedPhD's code does (an artefact of simulating in one "
+        "process; the simulator only)"
     )
     lr_schedule: Literal["constant", "cosine"] = F(
         "constant", "lr across rounds: constant, or cosine decay from lr to lr * min_lr_ratio at the last round"
@@ -297,17 +303,19 @@ class Config(Section):
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse ``section.key=value``; the value is read as a TOML literal, else kept as a string."""
+    """Parse ``section.key=value`` (the value read as a TOML literal, else kept as a string), or
+    ``section={...}``: an inline TOML table that replaces the whole section (e.g. another algorithm's)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form section.key=value")
     key, raw = text.split("=", 1)
     path = [p for p in key.strip().split(".") if p]
-    if len(path) < 2:
-        raise ConfigError(f"override key {key!r} must name a section and a key, e.g. train.lr=1e-3")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
+    if len(path) < 2 and not (len(path) == 1 and isinstance(value, dict)):
+        raise ConfigError(f"override key {key!r} must name a section and a key, e.g. train.lr=1e-3 (or a whole "
+                          "section as an inline table, e.g. algorithm={name=\"fedavg\", fraction=0.4})")
     return path, value
 
 

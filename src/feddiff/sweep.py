@@ -254,8 +254,8 @@ def run_sweep(config_path: str, overrides: list[str] = (), out_dir: str | None =
     Path
         The sweep folder.
     """
-    from feddiff.engines.simulator import resume as resume_run
-    from feddiff.engines.simulator import run as run_one
+    from feddiff.engines.runner import resume as resume_run
+    from feddiff.engines.runner import run as run_one
 
     if resume_dir:
         folder = Path(resume_dir)

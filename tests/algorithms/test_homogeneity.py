@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from feddiff.algorithms import Reply, strategy_from
-from feddiff.algorithms.hierarchical import FedPhDConfig, HierFAVGConfig
+from feddiff.algorithms.fedphd import FedPhDConfig
+from feddiff.algorithms.hierarchical import HierFAVGConfig
 from feddiff.algorithms.homogeneity import (
     central_weights, distribution, homogeneity_score, merge, selection_probabilities, uniform_target,
 )

@@ -144,7 +144,7 @@ def _split_config(**partition):
 
 
 def test_partition_seed_none_is_the_run_seed_split():
-    from feddiff.experiment import partition_train
+    from feddiff.engines.experiment import partition_train
     from feddiff.seeding import derive_seed, numpy_rng
 
     subset, parts = partition_train(_split_config(), LABELS)
@@ -158,7 +158,7 @@ def test_partition_seed_none_is_the_run_seed_split():
 
 def test_partition_seed_fixes_the_split_whatever_the_run_seed():
     from feddiff.config import config_from_dict
-    from feddiff.experiment import partition_train, train_subset
+    from feddiff.engines.experiment import partition_train, train_subset
 
     def split(run_seed, part_seed):
         cfg = config_from_dict({"run": {"seed": run_seed}, "data": {"max_train_samples": 600},
@@ -180,7 +180,7 @@ def test_partition_record_names_the_seed_used():
     import torch
 
     from feddiff.data.sources import ImageData
-    from feddiff.experiment import partition_record, partition_train
+    from feddiff.engines.experiment import partition_record, partition_train
 
     images = torch.zeros(1000, 1, 2, 2, dtype=torch.uint8)
     train = ImageData("x", "train", images, torch.from_numpy(LABELS), [str(i) for i in range(10)])
@@ -189,3 +189,17 @@ def test_partition_record_names_the_seed_used():
         rec = partition_record(cfg, train, parts)
         assert rec["seed"] == seed and rec["hash"] == partition_hash(parts)
         assert rec["unused_samples"] == 0 and sum(rec["sizes"]) == 600
+
+
+def test_fedphd_proportional_split_by_hand():
+    from feddiff.data.partition import make_partition, proportional_clients
+
+    # 4 classes of 50, 30, 15, 5 over 10 clients: ceil(5, 3, 1.5, 0.5) = 5, 3, 2, 1 = 11 -> the largest gives one
+    assert proportional_clients(np.array([50, 30, 15, 5]), 10) == [4, 3, 2, 1]
+    labels = np.repeat([0, 1, 2, 3], [50, 30, 15, 5])
+    parts = make_partition("pathological", labels, 10, 0, classes_per_client=1, shard_rule="fedphd-proportional")
+    assert [len(np.unique(labels[p])) for p in parts] == [1] * 10
+    assert [int(labels[p[0]]) for p in parts] == [0, 0, 0, 0, 1, 1, 1, 2, 2, 3]
+    assert sorted(len(p) for p in parts[:4]) == [12, 12, 13, 13] and sum(len(p) for p in parts) == 100
+    with pytest.raises(Exception, match="classes_per_client must be 1"):
+        make_partition("pathological", labels, 10, 0, classes_per_client=2, shard_rule="fedphd-proportional")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from feddiff.engines.simulator import resume, run
+from feddiff.engines.runner import resume, run
 
 QUANT = {"uplink": {"codec": "int8", "scheme": "channel", "mode": "delta", "error_feedback": True,
                     "stochastic_rounding": True},

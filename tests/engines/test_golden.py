@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from feddiff.engines.simulator import resume, run
+from feddiff.engines.runner import resume, run
 
 GOLDEN = Path(__file__).with_name("golden_hashes.json")
 ALGORITHMS = ("fedavg", "fedprox", "usplit", "udec", "ulatdec")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from feddiff.engines.simulator import run
+from feddiff.engines.runner import run
 from feddiff.model.parts import group_sizes
 from feddiff.model.presets import build_unet, unet_kwargs
 

@@ -16,8 +16,9 @@ from feddiff.client.train import LocalTerm
 from feddiff.compress.link import ClientLink
 from feddiff.config import AlgorithmConfig, F
 from feddiff.engines.loop import Incoming
-from feddiff.engines.simulator import Simulator, SimulatorEngine, resume, run
-from feddiff.experiment import build_experiment
+from feddiff.engines.runner import resume, run
+from feddiff.engines.simulator import Simulator, SimulatorEngine
+from feddiff.engines.experiment import build_experiment
 from feddiff.model.spec import build_model
 from feddiff.runs import RunDir, RunError
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from feddiff.engines.simulator import resume, run
+from feddiff.engines.runner import resume, run
 from feddiff.runs import RunDir, RunError
 
 

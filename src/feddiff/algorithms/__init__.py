@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from feddiff.algorithms import fedavg, fedprox, hierarchical, scaffold, unet_split  # noqa: F401 - registers them
+from feddiff.algorithms import fedavg, fedphd, fedprox, hierarchical, scaffold, unet_split  # noqa: F401 - registers
 from feddiff.algorithms.base import (
     ClientHook, Failure, Reply, Strategy, StrategyContext, StrategyWrapper, Task, Transfer,
 )

@@ -227,6 +227,10 @@ class Strategy:
         """For personalized strategies: the model a client holding ``personal`` would evaluate."""
         raise NotImplementedError(f"{type(self).__name__} has no personal models")
 
+    def side_models(self) -> dict[str, StateDict]:
+        """Models evaluated beside the global one (a hierarchy's edge models, when asked); never exported."""
+        return {}
+
     # -- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> tuple[StateDict, dict[str, Any]]:
         """Tensors and JSON-able state needed to resume exactly."""
@@ -309,6 +313,9 @@ class StrategyWrapper(Strategy):
 
     def personal_model(self, personal: StateDict) -> StateDict:
         return self.inner.personal_model(personal)
+
+    def side_models(self) -> dict[str, StateDict]:
+        return self.inner.side_models()
 
     def state_dict(self) -> tuple[StateDict, dict[str, Any]]:
         return self.inner.state_dict()

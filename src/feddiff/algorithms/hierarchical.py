@@ -1,4 +1,4 @@
-"""Hierarchical FL: clients -> edge servers -> a central server. HierFAVG and FedPhD's hierarchy.
+"""Hierarchical FL: clients -> edge servers -> a central server. HierFAVG here; FedPhD in ``fedphd.py``.
 
 HierFAVG: Liu, Zhang, Song, Letaief, "Client-Edge-Cloud Hierarchical Federated Learning", ICC 2020
 (https://arxiv.org/abs/1905.06641). FedPhD: Long et al. 2025 (https://arxiv.org/abs/2507.06449), as
@@ -62,6 +62,7 @@ class HierFAVGConfig(AlgorithmConfig):
     central_a: float = F(0.0, "central weights max(N_e + a*HS(q_e) + b, 0): a (0 = sample-weighted HierFAVG)")
     central_b: float = F(0.0, "central weights: b")
     target: list[float] = F([], "p*, the target label distribution of HS; empty = uniform over classes")
+    evaluate_edges: bool = F(False, "evaluate each edge's model too (the global model is the last central one)")
 
     @model_validator(mode="after")
     def _consistent(self) -> HierFAVGConfig:
@@ -73,16 +74,6 @@ class HierFAVGConfig(AlgorithmConfig):
         if self.target and (min(self.target) < 0 or abs(sum(self.target) - 1) > 1e-6):
             raise ValueError(f"target must be a distribution (>= 0, summing to 1), got {self.target}")
         return self
-
-
-class FedPhDConfig(HierFAVGConfig):
-    """FedPhD's hierarchy (Long et al. 2025): homogeneity-aware edge selection and central weights."""
-
-    name: Literal["fedphd"] = F("fedphd", "algorithm: fedphd")  # type: ignore[assignment]
-    selection: Literal["homogeneity", "random", "round-robin", "fixed"] = F(
-        "homogeneity", "client -> edge each round (FedPhD: homogeneity)")
-    central_a: float = F(50000.0, "central weights max(N_e + a*HS(q_e) + b, 0): a (authors: CIFAR-10 50000, "
-                         "CelebA 20000)")
 
 
 class Hierarchical(Strategy):
@@ -199,6 +190,9 @@ class Hierarchical(Strategy):
     def round_metrics(self, rnd: int) -> dict[str, Any]:
         return dict(self.summary)
 
+    def side_models(self) -> dict[str, StateDict]:
+        return {f"edge{e}": w for e, w in enumerate(self.edges)} if self.cfg.evaluate_edges else {}
+
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> tuple[StateDict, dict[str, Any]]:
         tensors, meta = super().state_dict()
@@ -217,6 +211,5 @@ class Hierarchical(Strategy):
 
 
 register(Algorithm("hierfavg", HierFAVGConfig, Hierarchical))
-register(Algorithm("fedphd", FedPhDConfig, Hierarchical))
 
-__all__ = ["CLOUD_LINK", "EDGE_LINK", "FedPhDConfig", "HierFAVGConfig", "Hierarchical", "SELECTIONS"]
+__all__ = ["CLOUD_LINK", "EDGE_LINK", "HierFAVGConfig", "Hierarchical", "SELECTIONS"]

@@ -109,7 +109,7 @@ class ClientRuntime:
     def __init__(
         self, model_for: Callable[[ModelSpec], UNet2DModel], base_spec: ModelSpec, scheduler: DDPMScheduler,
         spec: LocalTrainSpec, seed: int, hook: ClientHook | None = None, keep_optimizer_state: bool = False,
-        num_rounds: int = 1, lr_schedule: str = "constant", min_lr_ratio: float = 0.1,
+        num_rounds: int = 1, lr_schedule: str = "constant", min_lr_ratio: float = 0.1, shared: bool = False,
     ):
         self.model_for = model_for
         self.base_spec = base_spec
@@ -119,6 +119,8 @@ class ClientRuntime:
         self.hook = hook or ClientHook(None)
         self.keep_optimizer_state = keep_optimizer_state
         self.num_rounds, self.lr_schedule, self.min_lr_ratio = num_rounds, lr_schedule, min_lr_ratio
+        # train.optimizer_scope = "shared": one optimizer record for every client (FedPhD's code), kept here
+        self.shared: ClientState | None = ClientState(optimizer={}) if shared else None
 
     def model_spec(self, state: ClientState) -> ModelSpec:
         """The architecture this client trains now."""
@@ -151,14 +153,18 @@ class ClientRuntime:
         lr = self.spec.lr * lr_factor(rnd, self.num_rounds, self.lr_schedule, self.min_lr_ratio)
         spec = replace(self.spec, lr=lr)
         gen = torch_generator(device, self.seed, "train", rnd, client)
-        opt_state = (state.optimizer or {}) if self.keep_optimizer_state else None
+        holder = self.shared if self.shared is not None else state  # whose optimizer and warm-up count
+        keep = self.keep_optimizer_state or self.shared is not None
+        opt_state = (holder.optimizer or {}) if keep else None
         terms = self.hook.terms(task, state)
         with global_rng(device, self.seed, "dropout", rnd, client):
-            result = train_local(model, images, spec, self.scheduler, gen, steps_done=state.steps_done,
+            result = train_local(model, images, spec, self.scheduler, gen, steps_done=holder.steps_done,
                                  optimizer_state=opt_state, terms=terms, progress=progress)
         state.steps_done += result.num_steps
-        if self.keep_optimizer_state:
-            state.optimizer = clone_state(result.optimizer_state or {})
+        if self.shared is not None:
+            self.shared.steps_done += result.num_steps
+        if keep:
+            holder.optimizer = clone_state(result.optimizer_state or {})
 
         # 3. Reply with the parts the server asked for, and the algorithm's extras
         trained = model.state_dict()

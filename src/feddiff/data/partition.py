@@ -119,6 +119,10 @@ def pathological(
     ``shard_rule="fedphd"`` (FedPhD's code): each class is cut into s = N*k/C shards and shard j of
     class i goes to client (s*i + j) mod N. Deterministic apart from the shuffle within a class.
     FedPhD drops the remainder of len(class)/s; here shard sizes differ by at most one instead.
+
+    ``shard_rule="fedphd-proportional"`` (FedPhD's CelebA split, k = 1): each client holds one class;
+    class c gets ceil(N * n_c / n) clients, the classes with the most clients giving one back (largest
+    first) until N are assigned, and each class is split evenly over its clients.
     """
     classes = np.unique(labels)
     num_classes = len(classes)
@@ -140,6 +144,22 @@ def pathological(
             rng.shuffle(idx)
             for j, chunk in enumerate(np.array_split(idx, shards)):
                 parts[(shards * i + j) % num_clients].extend(chunk.tolist())
+    elif shard_rule == "fedphd-proportional":
+        if k != 1:
+            raise PartitionError(f"shard_rule 'fedphd-proportional' gives each client one class; "
+                                 f"classes_per_client must be 1, got {k}")
+        if num_clients < num_classes:
+            raise PartitionError(f"fedphd-proportional needs a client per class: {num_clients} clients < "
+                                 f"{num_classes} classes")
+        counts = np.array([np.sum(labels == c) for c in classes])
+        per_class = proportional_clients(counts, num_clients)
+        owner = 0
+        for c, m in zip(classes, per_class):
+            idx = np.flatnonzero(labels == c)
+            rng.shuffle(idx)
+            for chunk in np.array_split(idx, m):
+                parts[owner].extend(chunk.tolist())
+                owner += 1
     elif shard_rule == "random":
         held, unused = [], []
         for i in range(num_clients):
@@ -168,11 +188,22 @@ def pathological(
                 stacklevel=2,
             )
     else:
-        raise PartitionError(f"unknown shard_rule {shard_rule!r}; choose from ['fedphd', 'random']")
+        raise PartitionError(f"unknown shard_rule {shard_rule!r}; choose from ['fedphd', 'fedphd-proportional', "
+                             "'random']")
     empty = [i for i, p in enumerate(parts) if not p]
     if empty:
         raise PartitionError(f"pathological partition left clients {empty} without data")
     return _finish(parts)
+
+
+def proportional_clients(counts: np.ndarray, num_clients: int) -> list[int]:
+    """Clients per class in proportion to class sizes: ceil(N n_c / n), then one back from the class with
+    the most clients (the first such) until they sum to N; every class keeps at least one."""
+    per = [max(1, int(np.ceil(num_clients * c / counts.sum()))) for c in counts]
+    while sum(per) > num_clients:
+        i = max(range(len(per)), key=lambda j: (per[j], -j))
+        per[i] -= 1
+    return per
 
 
 PARTITIONERS: dict[str, Callable[..., Partition]] = {

@@ -38,7 +38,7 @@ from feddiff.runs import RunDir, RunError
 from feddiff.types import StateDict, client_node
 
 if TYPE_CHECKING:
-    from feddiff.experiment import Experiment
+    from feddiff.engines.experiment import Experiment
 
 LINK = "client-server"
 EVAL_LINK = "eval"
@@ -183,7 +183,6 @@ class Server:
         return Message(pack(task.tensors, task.extras), meta)
 
     def _receive(self, task: Task, inc: Incoming, delivered: StateDict, expected: StateDict) -> Reply | Failure:
-        node = client_node(task.client)
         if inc.error is not None or inc.blob is None:
             return Failure(task.client, inc.error or "no reply")
         try:
@@ -373,7 +372,7 @@ class Server:
 
     def evaluate(self, rounds_done: int, last: bool, engine: Engine, prefix: str = "round") -> dict[str, Any]:
         """Evaluate (and after the last round export) every model of :meth:`eval_models`."""
-        from feddiff.evaluate import summarize
+        from feddiff.engines.evaluate import summarize
 
         model, samples = self.working_model(), self.run_dir.path / "samples"
         results: dict[str, dict[str, Any]] = {}
@@ -384,7 +383,11 @@ class Server:
             if last:
                 results[name].update(self._finalize(name, results[name], model))
         if list(results) == ["global"]:
-            return results["global"]
+            side = {}
+            for name, state in self.strategy.side_models().items():  # e.g. edge models: evaluated, not exported
+                model.load_state_dict(state)
+                side[name] = self.evaluator(model, samples, f"{prefix}-{rounds_done:04d}-{name}")
+            return {**results["global"], **({"side": side} if side else {})}
         first = next(iter(results.values()), {})
         shared = {k: first[k] for k in ("label", "protocol") if k in first}
         return {"models": results, **shared, **summarize(results)}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import platform
 import time
-from pathlib import Path
 from typing import Any
 
 import diffusers
@@ -23,17 +22,17 @@ import feddiff
 from feddiff.client.node import ClientData, ClientNode
 from feddiff.client.runtime import ClientState
 from feddiff.compress.link import ClientLink
-from feddiff.config import Config, apply_overrides, config_from_dict, load_resolved
+from feddiff.config import Config
 from feddiff.engines.loop import EVAL_LINK, Incoming, Outgoing, RoundEvents, Server
-from feddiff.evaluate import Evaluator, build_quality, load_feature_network
-from feddiff.experiment import Experiment, build_experiment, load_split, partition_record
+from feddiff.engines.evaluate import Evaluator, build_quality, load_feature_network
+from feddiff.engines.experiment import Experiment, load_split, partition_record
 from feddiff.metrics.cost import model_cost
 from feddiff.metrics.fid import FeatureStats
 from feddiff.metrics.quality import extract_features, load_stats, save_stats
 from feddiff.runs import RunDir, RunError
 from feddiff.types import StateDict
 
-__all__ = ["SimulatorEngine", "Simulator", "evaluate_checkpoint", "resume", "run"]
+__all__ = ["Simulator", "SimulatorEngine", "check_partition", "feature_sums"]
 
 class SimulatorEngine:
     """Clients in this process: their records, their data, one :class:`ClientNode` for all.
@@ -82,12 +81,20 @@ class SimulatorEngine:
             flat, m = st.to_flat(f"client/{k}/")
             tensors.update(flat)
             meta[str(k)] = m
+        shared = self.node.runtime.shared
+        if shared is not None:  # train.optimizer_scope = "shared": the one optimizer every client uses
+            flat, m = shared.to_flat("shared/")
+            tensors.update(flat)
+            meta["shared"] = m
         return tensors, meta
 
     def load_state_dict(self, tensors: StateDict, meta: dict[str, Any]) -> None:
         """Restore the records :meth:`state_dict` wrote."""
         for k, m in meta.items():
-            self.clients[int(k)] = ClientState.from_flat(tensors, m, f"client/{k}/")
+            if k == "shared":
+                self.node.runtime.shared = ClientState.from_flat(tensors, m, "shared/")
+            else:
+                self.clients[int(k)] = ClientState.from_flat(tensors, m, f"client/{k}/")
 
 class Simulator:
     """A run in this process: the shared round loop (:class:`~feddiff.engines.loop.Server`) over a
@@ -186,6 +193,7 @@ def feature_sums(net, data: ClientData) -> StateDict:
     return {"n": torch.tensor(stats.n, dtype=torch.float64), "sum": torch.from_numpy(stats.sum),
             "outer": torch.from_numpy(stats.outer)}
 
+
 def check_partition(run_dir: RunDir, current: str) -> None:
     """Refuse to continue a run whose data now partitions differently (changed or replaced data files)."""
     path = run_dir.path / "partition.json"
@@ -199,64 +207,3 @@ def check_partition(run_dir: RunDir, current: str) -> None:
             f"the data files now give {current[:12]}... (were data.root's files changed or replaced?); "
             "restore the original files, or start a new run"
         )
-
-def evaluate_checkpoint(path: str | Path, rnd: int | None, overrides: list[str]) -> dict[str, Any]:
-    """Evaluate a run's checkpoint with eval.* overrides; appends the result to ``evals.jsonl``."""
-    run_dir = RunDir.open(path)
-    raw = apply_overrides(load_resolved(run_dir.config_path).model_dump(mode="json"), list(overrides),
-                          allowed=("eval.",), where="in feddiff eval (it changes eval.* settings only)")
-    cfg = config_from_dict(raw, f"{run_dir.config_path} with {' '.join(overrides)}")
-    sim = Simulator(build_experiment(cfg), run_dir)
-    t = time.perf_counter()
-    done = sim.restore(rnd)
-    result = sim.evaluate(done)
-    record = {"round": done, "eval": result, "eval_s": time.perf_counter() - t,
-              "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "overrides": list(overrides)}
-    with open(run_dir.path / "evals.jsonl", "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-    return record
-
-def run(cfg: Config, out_dir: str | None = None, run_path: str | Path | None = None) -> RunDir:
-    """Train a new run from ``cfg``; returns its folder (``run_path``: exactly there, else a new
-    uniquely named folder under ``out_dir``)."""
-    exp = build_experiment(cfg)  # fails on bad data before any folder is made
-    if cfg.eval.fid_num_samples:  # ... and on a missing feature network (the domain one is trained here)
-        load_feature_network(cfg, exp.device, log=lambda m: print(m, flush=True))
-    if run_path is not None:
-        run_dir = RunDir.create_at(run_path)
-    else:
-        run_dir = RunDir.create(out_dir or cfg.run.out_dir, f"{cfg.run.name or 'run'}")
-    sim = Simulator(exp, run_dir)
-    sim.initialize()
-    return sim.run()
-
-# settings a resume may change: they do not touch the training math
-RESUMABLE_OVERRIDES = ("run.num_rounds", "run.progress", "run.checkpoint_every", "run.keep_checkpoints", "eval.")
-
-def resume(path: str | Path, overrides: list[str] = ()) -> RunDir:
-    """Continue a run from its last checkpoint (optionally with more rounds: run.num_rounds=N)."""
-    run_dir = RunDir.open(path)
-    cfg = load_resolved(run_dir.config_path)
-    notes: list[str] = []
-    if overrides:
-        raw = apply_overrides(cfg.model_dump(mode="json"), list(overrides), allowed=RESUMABLE_OVERRIDES,
-                              where="on resume (it would change the training math)")
-        t = cfg.train
-        if raw["run"]["num_rounds"] != cfg.run.num_rounds and t.lr_schedule == "cosine" and not t.lr_schedule_rounds:
-            # the schedule keeps the length it was trained with; added rounds train at lr * min_lr_ratio
-            raw["train"]["lr_schedule_rounds"] = cfg.run.num_rounds
-            notes.append(f"note: the cosine lr schedule keeps its {cfg.run.num_rounds} rounds "
-                         f"(train.lr_schedule_rounds); rounds after it train at lr x {t.min_lr_ratio}")
-        cfg = config_from_dict(raw, f"{run_dir.config_path} with overrides")
-    sim = Simulator(build_experiment(cfg), run_dir)
-    sim.resume()
-    if sim.start_round >= cfg.run.num_rounds:
-        raise RunError(
-            f"{run_dir.path} already finished all {cfg.run.num_rounds} rounds; "
-            "extend it with --set run.num_rounds=N"
-        )
-    if overrides:  # only once the resume is known to go ahead
-        run_dir.write_json("config.json", cfg.model_dump(mode="json"))
-        for note in notes:
-            print(note, flush=True)
-    return sim.run()

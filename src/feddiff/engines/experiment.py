@@ -286,6 +286,6 @@ def build_experiment(cfg: Config) -> Experiment:
     t = cfg.train
     runtime = ClientRuntime(models, spec, scheduler, train_spec(cfg), cfg.run.seed, client_hook(cfg.algorithm),
                             t.keep_optimizer_state, t.lr_schedule_rounds or cfg.run.num_rounds, t.lr_schedule,
-                            t.min_lr_ratio)
+                            t.min_lr_ratio, shared=t.optimizer_scope == "shared")
     return Experiment(cfg, device, train, test, parts, client_data, spec, models, scheduler, strategy, runtime,
                       link_specs(cfg))
