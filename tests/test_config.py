@@ -170,3 +170,11 @@ def test_a_whole_section_can_be_replaced_by_an_inline_table():
     assert cfg.algorithm.name == "fedprox" and cfg.algorithm.mu == 0.5
     with pytest.raises(ConfigError, match="inline table"):
         load_config(None, ["algorithm=3"])
+
+
+def test_unknown_algorithm_is_one_clear_line():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ['algorithm.name="nope"'])
+    lines = str(err.value).splitlines()
+    assert lines[1].startswith("  algorithm.name: unknown algorithm 'nope'; choose from [") and "fedphd" in lines[1]
+    assert "Value error" not in str(err.value)

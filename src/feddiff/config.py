@@ -356,11 +356,13 @@ def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (not a field of this section; see `feddiff config`)"
         got = e.get("input")
         shown = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
+        if loc == "algorithm" and msg.startswith("unknown algorithm"):  # the message names the value already
+            loc, shown, msg = "algorithm.name", "", msg.replace(" (algorithm.name)", "")
         lines.append(f"  {loc or '<root>'}: {msg}{shown}")
     return "\n".join(lines)
 
