@@ -6,7 +6,8 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from feddiff.sweep import run_sweep
+from feddiff.report import summarize_run
+from feddiff.sweep import run_sweep, sweep_runs
 
 
 def run_bench_sweep(doc: str, config: Path, overrides: Callable[[bool], list[str]]) -> tuple[Path, bool]:
@@ -18,3 +19,9 @@ def run_bench_sweep(doc: str, config: Path, overrides: Callable[[bool], list[str
     args = ap.parse_args()
     folder = run_sweep(str(config), overrides(args.quick), args.out, resume_dir=args.resume)
     return Path(folder), args.quick
+
+
+def variant_rows(folder: Path) -> dict[str, dict]:
+    """One summary row per sweep point, keyed by its variant name (the part after the last ``_``)."""
+    return {name.rsplit("_", 1)[-1] if "_" in name else name: summarize_run(path, name)
+            for name, _, path in sweep_runs(folder)}

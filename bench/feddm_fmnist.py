@@ -21,10 +21,8 @@ import json
 import time
 from pathlib import Path
 
-from _sweep_bench import run_bench_sweep
+from _sweep_bench import run_bench_sweep, variant_rows
 
-from feddiff.report import summarize_run
-from feddiff.sweep import sweep_runs
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "feddm_vanilla.toml"
 
@@ -65,8 +63,7 @@ def overrides(quick: bool) -> list[str]:
 def main() -> None:
     t = time.perf_counter()
     folder, quick = run_bench_sweep(__doc__, CONFIG, overrides)
-    rows = {name.rsplit("_", 1)[-1] if "_" in name else name: summarize_run(path, name)
-            for name, _, path in sweep_runs(folder)}
+    rows = variant_rows(folder)
     base = rows["vanilla"]
     results = {}
     for name, r in rows.items():

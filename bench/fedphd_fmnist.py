@@ -20,10 +20,8 @@ import json
 import time
 from pathlib import Path
 
-from _sweep_bench import run_bench_sweep
+from _sweep_bench import run_bench_sweep, variant_rows
 
-from feddiff.report import summarize_run
-from feddiff.sweep import sweep_runs
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fedphd_fmnist.toml"
 
@@ -57,8 +55,7 @@ def tiers(bytes_cumulative: dict) -> dict:
 def main() -> None:
     t = time.perf_counter()
     folder, quick = run_bench_sweep(__doc__, CONFIG, overrides)
-    rows = {name.rsplit("_", 1)[-1] if "_" in name else name: summarize_run(path, name)
-            for name, _, path in sweep_runs(folder)}
+    rows = variant_rows(folder)
     base = rows["fedavg"]
     base_central = tiers(base["bytes"]).get("client-server", 0)
     results = {}
