@@ -57,13 +57,14 @@ def _sampling_model(run_dir: RunDir, cfg, client: int | None):
     from feddiff.client.runtime import ClientState
     from feddiff.engines.experiment import model_spec
     from feddiff.model.spec import build_model
+    from feddiff.types import client_node
 
     strategy = make_strategy(cfg, StrategyContext(cfg.partition.num_clients, cfg.run.seed))
     exported = sorted(p.name for p in (run_dir.path / "models").glob("client*"))
     if client is not None and not strategy.personalized:
         raise ConfigError(f"--client applies to personal-model runs (udec, ulatdec); this run is "
                           f"{cfg.algorithm.name!r}, which trains one global model")
-    folder = run_dir.model_path if client is None else run_dir.path / "models" / f"client{client}"
+    folder = run_dir.model_path if client is None else run_dir.path / "models" / client_node(client)
     if (folder / "unet").is_dir():  # low_cpu_mem_usage=False: no "install accelerate" notice for small models
         return UNet2DModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False), str(folder)
     if client is None and strategy.personalized:

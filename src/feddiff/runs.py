@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-StateDict = dict[str, torch.Tensor]
+from feddiff.types import StateDict
+
 _CKPT = re.compile(r"round-(\d+)\.safetensors$")
 
 

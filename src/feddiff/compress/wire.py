@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from feddiff.compress.codecs import IDENTITY, Codec, CodecError, make_codec
+from feddiff.types import StateDict
 
 MAGIC = b"FDM"
 VERSION = 2
@@ -32,7 +33,6 @@ _PREFIX = 12  # magic(3) + version(1) + crc32(4) + header length(4)
 _ALIGN = 8
 _MAX_HEADER = 64 << 20  # a decompressed header larger than this is refused (zip bombs)
 
-StateDict = dict[str, torch.Tensor]
 
 
 class MessageError(ValueError):
