@@ -28,6 +28,8 @@ LINKS = {
     "int8-delta-ef": {"uplink": {"codec": "int8", "mode": "delta", "error_feedback": True},
                       "downlink": {"codec": "int8", "mode": "delta"}},
     "int4": {"uplink": {"codec": "int4", "scheme": "channel"}, "downlink": {"codec": "int4"}},
+    # FedDM-quant's uplink alone: deltas against a downlink that arrives exactly (added later, recorded at fa14d06)
+    "int8-up-delta-ef": {"uplink": {"codec": "int8", "mode": "delta", "error_feedback": True}},
 }
 
 
