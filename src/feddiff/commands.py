@@ -57,7 +57,7 @@ def _sampling_model(run_dir: RunDir, cfg, client: int | None):
     from feddiff.client.runtime import ClientState
     from feddiff.engines.experiment import model_spec
     from feddiff.model.spec import build_model
-    from feddiff.types import client_node
+    from feddiff.types import client_node, under
 
     strategy = make_strategy(cfg, StrategyContext(cfg.partition.num_clients, cfg.run.seed))
     exported = sorted(p.name for p in (run_dir.path / "models").glob("client*"))
@@ -78,8 +78,7 @@ def _sampling_model(run_dir: RunDir, cfg, client: int | None):
     if found is None:
         raise RunError(f"{run_dir.path} has neither an exported model nor a readable checkpoint")
     rnd, tensors, state = found
-    strategy.load_state_dict({k.removeprefix("strategy/"): v for k, v in tensors.items()
-                              if k.startswith("strategy/")}, state["strategy"])
+    strategy.load_state_dict(under(tensors, "strategy/"), state["strategy"])
     weights = strategy.global_state()
     source = f"checkpoint after round {rnd}"
     if client is not None:

@@ -13,6 +13,11 @@ def client_node(k: int) -> str:
     return f"client{k}"
 
 
+def under(tensors: StateDict, prefix: str) -> StateDict:
+    """The entries of ``tensors`` named ``<prefix><name>``, as ``name`` (a section of a flat checkpoint or record)."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def clone_state(state: StateDict) -> StateDict:
     """A detached copy of every tensor (the owner of the copy may change it in place)."""
     return {k: v.detach().clone() for k, v in state.items()}

@@ -22,7 +22,7 @@ import torch
 from feddiff.model.parts import select
 from feddiff.model.spec import ModelSpec
 from feddiff.seeding import numpy_rng
-from feddiff.types import StateDict, clone_state
+from feddiff.types import StateDict, clone_state, under
 
 if TYPE_CHECKING:  # the client half's types, for annotations only
     from feddiff.client.runtime import ClientState
@@ -242,7 +242,7 @@ class Strategy:
 
     def load_state_dict(self, tensors: StateDict, meta: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
-        self.global_model = {k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")}
+        self.global_model = under(tensors, "global/")
         self.client_info = {}
         for key, v in tensors.items():
             if key.startswith("info/"):

@@ -34,7 +34,7 @@ from feddiff.algorithms.homogeneity import (
 from feddiff.algorithms.registry import Algorithm, register
 from feddiff.config import F, AlgorithmConfig
 from feddiff.seeding import numpy_rng
-from feddiff.types import StateDict, clone_state
+from feddiff.types import StateDict, clone_state, under
 
 EDGE_LINK = "client-edge"
 CLOUD_LINK = "edge-cloud"
@@ -203,8 +203,7 @@ class Hierarchical(Strategy):
 
     def load_state_dict(self, tensors: StateDict, meta: dict[str, Any]) -> None:
         super().load_state_dict(tensors, meta)
-        self.edges = [{k.removeprefix(f"edge{e}/"): v for k, v in tensors.items() if k.startswith(f"edge{e}/")}
-                      for e in range(self.num_edges)]
+        self.edges = [under(tensors, f"edge{e}/") for e in range(self.num_edges)]
         self.edge_samples = [float(x) for x in meta["edge_samples"]]
         self.q = [np.asarray(q, dtype=np.float64) for q in meta["q"]]
         self.n = [float(x) for x in meta["n"]]

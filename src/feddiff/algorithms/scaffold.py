@@ -29,7 +29,7 @@ from feddiff.algorithms.base import ClientHook, Failure, Reply, Strategy, Strate
 from feddiff.algorithms.registry import Algorithm, register
 from feddiff.client.train import LocalTerm
 from feddiff.config import F, AlgorithmConfig
-from feddiff.types import StateDict
+from feddiff.types import StateDict, under
 
 STATE = "scaffold/"  # the client's c_i in its record
 
@@ -73,7 +73,7 @@ class ScaffoldClient(ClientHook):
 
     def controls(self, task: Task, state) -> tuple[StateDict, StateDict]:
         """(c, c_i): the server's control from the task, the client's own (zeros the first time)."""
-        c = {k.removeprefix("c/"): v for k, v in task.extras.items() if k.startswith("c/")}
+        c = under(task.extras, "c/")
         if task.config.get("reset_controls"):
             for k in [k for k in state.tensors if k.startswith(STATE)]:
                 del state.tensors[k]
@@ -135,7 +135,7 @@ class Scaffold(Strategy):
 
     def load_state_dict(self, tensors: StateDict, meta: dict[str, Any]) -> None:
         super().load_state_dict(tensors, meta)
-        self.control = {k.removeprefix("control/"): v for k, v in tensors.items() if k.startswith("control/")}
+        self.control = under(tensors, "control/")
 
 
 register(Algorithm("scaffold", ScaffoldConfig, Scaffold, ScaffoldClient))

@@ -27,7 +27,7 @@ from feddiff.compress.channel import LinkSpec, decode_message, encode_message
 from feddiff.compress import wire
 from feddiff.compress.wire import Message, MessageError
 from feddiff.seeding import torch_generator
-from feddiff.types import StateDict
+from feddiff.types import StateDict, under
 
 EXTRA = "extra:"
 
@@ -42,10 +42,6 @@ def unpack(payload: StateDict) -> tuple[StateDict, StateDict]:
     tensors = {k: v for k, v in payload.items() if not k.startswith(EXTRA)}
     extras = {k[len(EXTRA):]: v for k, v in payload.items() if k.startswith(EXTRA)}
     return tensors, extras
-
-
-def _prefixed(tensors: StateDict, prefix: str) -> StateDict:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def codec_generator(seed: int, direction: str, rnd: int, node: str) -> torch.Generator:
@@ -91,8 +87,8 @@ class ServerLink:
         blob, _ = encode_message(msg, spec, self.copies.get(node) if delta else None,
                                  generator=codec_generator(self.seed, "down", rnd, node))
         self.record(link, "down", node, len(blob))
-        delivered = msg.tensors
-        if delta or self.specs.up.mode == "delta":
+        delivered = msg.tensors  # a lossless weights message arrives as it was sent
+        if delta or (spec.codec.lossy and self.specs.up.mode == "delta"):
             delivered = decode_message(blob, self.copies.get(node) if delta else None).tensors
         if delta:
             copy = self.copies.setdefault(node, {})
@@ -143,7 +139,7 @@ class ClientLink:
     def receive(self, blob: bytes, tensors: StateDict) -> Message:
         """Decode a message from the server; in downlink delta mode keep the decoded copy (``rx/``)."""
         delta = self.specs.down.mode == "delta"
-        msg = decode_message(blob, _prefixed(tensors, "rx/") if delta else None)
+        msg = decode_message(blob, under(tensors, "rx/") if delta else None)
         if delta:
             tensors.update({f"rx/{k}": v.clone() for k, v in msg.tensors.items() if v.is_floating_point()})
         return msg
@@ -155,7 +151,7 @@ class ClientLink:
             old = tensors.get(f"ef/{k}")
             if old is not None and tuple(old.shape) != tuple(v.shape):
                 del tensors[f"ef/{k}"]
-        blob, residual = encode_message(msg, spec, received, _prefixed(tensors, "ef/"),
+        blob, residual = encode_message(msg, spec, received, under(tensors, "ef/"),
                                         generator=codec_generator(self.seed, "up", rnd, node))
         if residual is not None:
             tensors.update({f"ef/{k}": v for k, v in residual.items()})

@@ -35,7 +35,7 @@ from feddiff.engines.validate import validate_reply
 from feddiff.metrics.cost import architecture_signature, model_cost
 from feddiff.metrics.ledger import Ledger
 from feddiff.runs import RunDir, RunError
-from feddiff.types import StateDict, client_node
+from feddiff.types import StateDict, client_node, under
 
 if TYPE_CHECKING:
     from feddiff.engines.experiment import Experiment
@@ -246,19 +246,17 @@ class Server:
                 done(inc)  # what the engine returns is what counts, whatever it reported on the way
         outcome = RoundResult()
         for task in tasks:  # task order, whatever order the engine answered in
-            got = results[task.client][1] if task.client in results else Failure(task.client, "no reply")
+            node = client_node(task.client)
+            inc, got = results.get(task.client, (None, Failure(task.client, "no reply")))
+            if inc is not None and inc.blob is not None:  # what arrived is counted, usable or not
+                self.link.count(task.link, "up", node, len(inc.blob))
             if isinstance(got, Reply):
                 outcome.replies.append(got)
+                if self.strategy.spec is not None:  # the node now holds this architecture
+                    self.sent_spec[node] = self.strategy.spec.id
             else:
                 outcome.failures.append(got)
-                self.link.forget(client_node(task.client))  # its copy is unknown now: send weights next
-        for task in tasks:
-            if task.client in results and results[task.client][0].blob is not None:  # what arrived is counted
-                self.link.count(task.link, "up", client_node(task.client), len(results[task.client][0].blob))
-            if task.client in results and isinstance(results[task.client][1], Reply):
-                spec = self.strategy.spec
-                if spec is not None:
-                    self.sent_spec[client_node(task.client)] = spec.id
+                self.link.forget(node)  # its copy is unknown now: send weights next
         return tasks, outcome
 
     def carry(self, rnd: int, transfers: list[Transfer]) -> list[Transfer]:
@@ -431,12 +429,10 @@ class Server:
         """Load the checkpoint after round ``rnd`` (default: the newest readable one); returns its round."""
         found = load_checkpoint(self.run_dir, rnd, set_aside=rnd is None)
         rnd, tensors, state = found
-        strat = {k.removeprefix("strategy/"): v for k, v in tensors.items() if k.startswith("strategy/")}
-        self.strategy.load_state_dict(strat, state["strategy"])
+        self.strategy.load_state_dict(under(tensors, "strategy/"), state["strategy"])
         engine.load_state_dict(tensors, state["clients"])
         self.ledger.load_state_dict(state["ledger"])
-        self.link.load_state_dict({k.removeprefix("transport/"): v for k, v in tensors.items()
-                                   if k.startswith("transport/")})
+        self.link.load_state_dict(under(tensors, "transport/"))
         self.elapsed_s = float(state.get("elapsed_s", 0.0))
         self.arch = state.get("arch", "")
         self.sent_spec = dict(state.get("sent_spec", {}))
