@@ -25,6 +25,7 @@ from feddiff.compress.link import ClientLink
 from feddiff.config import Config
 from feddiff.engines.loop import EVAL_LINK, Incoming, Outgoing, RoundEvents, Server
 from feddiff.engines.evaluate import Evaluator, build_quality, load_feature_network
+from feddiff.data.partition import partition_hash
 from feddiff.engines.experiment import Experiment, load_split, partition_record
 from feddiff.metrics.cost import model_cost
 from feddiff.metrics.fid import FeatureStats
@@ -155,7 +156,7 @@ class Simulator:
 
     def restore(self, rnd: int | None = None) -> int:
         """Load the checkpoint after round ``rnd`` (default: the newest readable one); returns its round."""
-        check_partition(self.run_dir, partition_record(self.cfg, self.exp.train, self.exp.parts)["hash"])
+        check_partition(self.run_dir, partition_hash(self.exp.parts))
         return self.server.restore(self.engine, rnd)
 
     def resume(self) -> None:
@@ -181,7 +182,7 @@ class Simulator:
         return {
             "feddiff": feddiff.__version__, "python": platform.python_version(), "torch": torch.__version__,
             "diffusers": diffusers.__version__, "device": str(exp.device), "threads": torch.get_num_threads(),
-            "seed": self.cfg.run.seed, "partition_hash": partition_record(self.cfg, exp.train, exp.parts)["hash"],
+            "seed": self.cfg.run.seed, "partition_hash": partition_hash(exp.parts),
             "model": model_cost(exp.model, exp.train.channels, self.cfg.data.image_size),
             "model_spec": exp.spec.to_json(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
