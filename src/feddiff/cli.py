@@ -16,6 +16,7 @@ Federated training of diffusion models (DDPM) on data split across clients.
   feddiff partition configs/quickstart.toml      per-client sizes and label counts, no training
   feddiff config [CONFIG]                        every config key with its default and meaning
   feddiff model-info cifar10-ddpm                parameters, MACs and encoder/latent/decoder shares
+  feddiff prune cifar10-ddpm --ratio 0.1 0.2 0.3 parameters and MACs after structured pruning (FedPhD)
   feddiff sweep configs/degoede_fmnist.toml      a grid of runs (resumable), with a summary table
   feddiff eval runs/quickstart-... --num-samples 1000   FD-domain / KID / IS of the final model
   feddiff features train --dataset fashion-mnist        the offline feature network for FD-domain
@@ -32,6 +33,16 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 # (importing them here would load torch for every --help)
 DATASET_NAMES = ("fashion-mnist", "cifar10", "celeba", "image-folder")
 PRESET_NAMES = ("tiny", "small", "fmnist", "cifar10-ddpm")
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"a pruning ratio must be in (0, 1), got {text}")
+    return value
 
 
 def _int_at_least(low: int):
@@ -126,6 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=_int_at_least(1), default=None,
                    help="image channels (default: 3 for cifar10-ddpm, else 1)")
 
+    p = sub.add_parser("prune", help="parameters and MACs of a preset before and after structured pruning")
+    p.add_argument("preset", choices=PRESET_NAMES, help=" | ".join(PRESET_NAMES))
+    p.add_argument("--ratio", type=_ratio, nargs="+", required=True, metavar="R",
+                   help="Torch-Pruning pruning ratio(s) in (0, 1); several print one row each")
+    p.add_argument("--image-size", type=_int_at_least(8), default=32, help="resolution for MACs (default 32)")
+    p.add_argument("--channels", type=_int_at_least(1), default=None,
+                   help="image channels (default: 3 for cifar10-ddpm, else 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights that rank channels (default 0)")
+    p.add_argument("--out", metavar="DIR", help="save the pruned model (one ratio) as a pipeline folder that "
+                   "feddiff.model.export.load_pipeline reads")
+
     p = sub.add_parser("config", help="print every config key with its default and description, or a resolved config")
     p.add_argument("config", nargs="?", help="a TOML config to resolve and print as JSON")
     _add_set(p)
@@ -134,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "model-info" and args.channels is None:
+    if args.command in ("model-info", "prune") and args.channels is None:
         args.channels = 3 if args.preset == "cifar10-ddpm" else 1
     from feddiff.commands import COMMANDS, USER_ERRORS
 

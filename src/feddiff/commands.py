@@ -51,12 +51,12 @@ def _sampling_model(run_dir: RunDir, cfg, client: int | None):
     checkpoint with the global shared part merged in (the model it would start the next round from).
     A checkpoint is read through the run's own strategy (with its wrappers), never by its key layout.
     """
-    from diffusers import UNet2DModel
-
     from feddiff.algorithms import StrategyContext, make_strategy
     from feddiff.client.runtime import ClientState
     from feddiff.engines.experiment import model_spec
-    from feddiff.model.spec import build_model
+    from feddiff.model.export import load_unet
+    from feddiff.model.spec import ModelSpec, build_model
+    from feddiff.prune.structure import to_spec
     from feddiff.types import client_node, under
 
     strategy = make_strategy(cfg, StrategyContext(cfg.partition.num_clients, cfg.run.seed))
@@ -65,8 +65,8 @@ def _sampling_model(run_dir: RunDir, cfg, client: int | None):
         raise ConfigError(f"--client applies to personal-model runs (udec, ulatdec); this run is "
                           f"{cfg.algorithm.name!r}, which trains one global model")
     folder = run_dir.model_path if client is None else run_dir.path / "models" / client_node(client)
-    if (folder / "unet").is_dir():  # low_cpu_mem_usage=False: no "install accelerate" notice for small models
-        return UNet2DModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False), str(folder)
+    if (folder / "unet").is_dir():
+        return load_unet(folder / "unet"), str(folder)
     if client is None and strategy.personalized:
         have = exported or "the checkpoint's clients"
         raise RunError(f"{run_dir.path} is a {cfg.algorithm.name} run with one model per client ({have}); "
@@ -80,6 +80,7 @@ def _sampling_model(run_dir: RunDir, cfg, client: int | None):
     rnd, tensors, state = found
     strategy.load_state_dict(under(tensors, "strategy/"), state["strategy"])
     weights = strategy.global_state()
+    in_channels = int(weights["conv_in.weight"].shape[1])
     source = f"checkpoint after round {rnd}"
     if client is not None:
         held = sorted(int(k) for k, meta in state["clients"].items() if k.isdigit() and meta["has_personal"])
@@ -87,9 +88,11 @@ def _sampling_model(run_dir: RunDir, cfg, client: int | None):
             raise RunError(f"{run_dir.path}: client {client} has no personal model after round {rnd}; "
                            f"clients with one: {held or 'none'}")
         saved = ClientState.from_flat(tensors, state["clients"][str(client)], f"client/{client}/")
-        weights = strategy.personal_model(saved.personal)
+        held = ModelSpec.from_json(saved.spec) if saved.spec is not None else model_spec(cfg, in_channels)
+        current = strategy.spec or model_spec(cfg, in_channels)
+        weights = strategy.personal_model(to_spec(saved.personal, held, current))
         source += f", client {client}"
-    spec = strategy.spec or model_spec(cfg, int(weights["conv_in.weight"].shape[1]))
+    spec = strategy.spec or model_spec(cfg, in_channels)
     model = build_model(spec, 0)
     model.load_state_dict(weights)
     return model, source
@@ -194,6 +197,44 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from feddiff.metrics.cost import count_params_macs
+    from feddiff.model.diffusion import make_scheduler
+    from feddiff.model.export import save_pipeline
+    from feddiff.model.presets import unet_kwargs
+    from feddiff.model.spec import ModelSpec, build_model
+    from feddiff.prune.structure import prune_model
+
+    if args.out and len(args.ratio) != 1:
+        raise ConfigError(f"--out saves one pruned model; give one --ratio, not {len(args.ratio)}")
+    try:
+        spec = ModelSpec(unet_kwargs(args.preset, args.channels, args.image_size))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    params0, macs0 = count_params_macs(build_model(spec, args.seed), args.channels, args.image_size)
+    console = _console()
+    table = Table(title=f"{args.preset} at {args.channels}x{args.image_size}x{args.image_size}: structured pruning "
+                        "(group L2 magnitude, conv_out kept; channels of GroupNorm layers step by group)")
+    for col in ("ratio", "parameters", "kept", "MACs", "kept ", "widths per level", "history"):
+        table.add_column(col, justify="left" if col.startswith("widths") else "right")
+    levels = [int(c) for c in spec.unet["block_out_channels"]]
+    table.add_row("0", f"{params0 / 1e6:.3f} M", "100.0%", f"{macs0 / 1e9:.3f} G", "100.0%", str(levels), "-")
+    for ratio in args.ratio:
+        model = build_model(spec, args.seed)
+        step = prune_model(model, ratio)
+        params, macs = count_params_macs(model, args.channels, args.image_size)
+        widths = [int(b.resnets[0].conv1.out_channels) for b in model.down_blocks]
+        table.add_row(f"{ratio:g}", f"{params / 1e6:.3f} M", f"{100 * params / params0:.1f}%", f"{macs / 1e9:.3f} G",
+                      f"{100 * macs / macs0:.1f}%", str(widths), f"{len(json.dumps(step['history'])) / 1e3:.1f} KB")
+        if args.out:
+            sched = make_scheduler(1000, "linear", 1e-4, 0.02)
+            out = save_pipeline(model, spec.with_step(step), sched, args.out)
+    console.print(table)
+    if args.out:
+        console.print(f"pruned model -> {out} (load it with feddiff.model.export.load_pipeline)")
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from feddiff.report import compare, summarize_run, table
     from feddiff.runs import atomic_write_json
@@ -278,4 +319,4 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "sample": cmd_sample, "partition": cmd_partition, "config": cmd_config,
-            "model-info": cmd_model_info, "sweep": cmd_sweep, "eval": cmd_eval, "features": cmd_features}
+            "model-info": cmd_model_info, "prune": cmd_prune, "sweep": cmd_sweep, "eval": cmd_eval, "features": cmd_features}

@@ -203,6 +203,33 @@ class CompressConfig(Section):
         return self
 
 
+class PruneConfig(Section):
+    """Structured pruning of the U-Net (FedPhD, Long et al. 2025), around any algorithm (``prune/``)."""
+
+    ratio: float = F(0.0, "Torch-Pruning's pruning_ratio; 0 = no pruning. GroupNorm groups make sizes step "
+                          "(`feddiff prune PRESET --ratio ...` prints them)", ge=0, lt=1)
+    at: Literal["init"] | int = F(
+        "init", '"init" = prune the initial global model (FedPhD\'s scripts); N = train N rounds with the '
+        "sparsity regulariser, then prune the global model before round N+1"
+    )
+    importance: Literal["magnitude", "taylor"] = F(
+        "magnitude", "channel ranking: magnitude = group L2 norm (FedPhD); taylor = |w * g| with g the last "
+        "round's aggregate update (needs at >= 1)"
+    )
+    sparsity: float = F(1e-5, "rounds before pruning (at >= 1): weight lambda of the group-norm regulariser", ge=0)
+    sparsity_norm: Literal["channel", "tensor"] = F(
+        "channel", "channel = sum of each output channel's L2 norm (group lasso, the default); tensor = each "
+        "weight's whole Frobenius norm (FedPhD's code)"
+    )
+
+    @field_validator("at")
+    @classmethod
+    def _round(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f'must be "init" or a round >= 1, got {v}')
+        return v
+
+
 class EvalConfig(Section):
     every_rounds: int = F(0, "evaluate every N rounds; 0 = only after the last round", ge=0)
     sampler: Literal["ddim", "ddpm"] = F("ddim", "sampler for sample grids")
@@ -254,6 +281,7 @@ class Config(Section):
     algorithm: SerializeAsAny[AlgorithmConfig] = F(None, "the algorithm section (validated by the registered class)",
                                                    validate_default=True)
     compress: CompressConfig = CompressConfig()
+    prune: PruneConfig = PruneConfig()
     eval: EvalConfig = EvalConfig()
     sweep: SweepConfig = SweepConfig()
 
@@ -290,6 +318,13 @@ class Config(Section):
                 f"diffusion.beta_start ({self.diffusion.beta_start}) must be below "
                 f"diffusion.beta_end ({self.diffusion.beta_end})"
             )
+        p = self.prune
+        if p.ratio > 0 and isinstance(p.at, int) and p.at >= self.run.num_rounds:
+            raise ValueError(f"prune.at = {p.at} is not before the last round (run.num_rounds = "
+                             f"{self.run.num_rounds}): the model would never be pruned")
+        if p.ratio > 0 and p.importance == "taylor" and p.at == "init":
+            raise ValueError('prune.importance = "taylor" ranks channels by a training update: it needs '
+                             'prune.at >= 1 (use "magnitude" to prune at init)')
         if self.algorithm.min_clients > self.partition.num_clients:
             raise ValueError(
                 f"algorithm.min_clients ({self.algorithm.min_clients}) exceeds "

@@ -7,9 +7,11 @@ from feddiff.algorithms.base import (
     ClientHook, Failure, Reply, Strategy, StrategyContext, StrategyWrapper, Task, Transfer,
 )
 from feddiff.algorithms.registry import (
-    ALGORITHMS, Algorithm, client_hook, get_algorithm, make_strategy, register, strategy_from,
+    ALGORITHMS, WRAPPERS, Algorithm, Wrapper, client_hook, get_algorithm, make_strategy, register, register_wrapper,
+    strategy_from,
 )
+from feddiff.prune import wrapper as _prune_wrapper  # noqa: F401, E402 - registers the [prune] wrapper
 
-__all__ = ["ALGORITHMS", "Algorithm", "ClientHook", "Failure", "Reply", "Strategy", "StrategyContext",
+__all__ = ["ALGORITHMS", "WRAPPERS", "Algorithm", "Wrapper", "register_wrapper", "ClientHook", "Failure", "Reply", "Strategy", "StrategyContext",
            "StrategyWrapper", "Task", "Transfer", "client_hook", "get_algorithm", "make_strategy", "register",
            "strategy_from"]

@@ -344,3 +344,25 @@ class ClientHook:
     def reply_extras(self, task: Task, state: ClientState, trained: StateDict, result: LocalTrainResult) -> StateDict:
         """Extra tensors sent back with the model section (e.g. SCAFFOLD's change of control variate)."""
         return {}
+
+
+class CompositeHook(ClientHook):
+    """Several client halves as one (an algorithm's and its wrappers'): terms and extras of each, in order."""
+
+    def __init__(self, hooks: list[ClientHook]):
+        super().__init__(None)
+        self.hooks = hooks
+        self.config_keys = frozenset().union(*(h.config_keys for h in hooks))  # type: ignore[misc]
+
+    def terms(self, task: Task, state: ClientState) -> list[LocalTerm]:
+        return [t for h in self.hooks for t in h.terms(task, state)]
+
+    def reply_extras(self, task: Task, state: ClientState, trained: StateDict, result: LocalTrainResult) -> StateDict:
+        out: StateDict = {}
+        for h in self.hooks:
+            extras = h.reply_extras(task, state, trained, result)
+            clash = sorted(set(out) & set(extras))
+            if clash:
+                raise ValueError(f"two client hooks send the extra(s) {clash}")
+            out.update(extras)
+        return out

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from feddiff.algorithms.base import ClientHook, Strategy, StrategyContext
+from feddiff.algorithms.base import ClientHook, CompositeHook, Strategy, StrategyContext
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,35 @@ class Algorithm:
 
 ALGORITHMS: dict[str, Algorithm] = {}
 
-# (name, wrap): ``wrap(strategy, cfg)`` returns the strategy wrapped, or unchanged when its section is off
-WRAPPERS: list[tuple[str, Callable[[Strategy, Any], Strategy]]] = []
+
+
+@dataclass(frozen=True)
+class Wrapper:
+    """A feature composed around any algorithm (pruning, DP, EMA, robust aggregation).
+
+    ``wrap(strategy, cfg)`` returns the strategy wrapped, or unchanged when the wrapper's config section is
+    off; ``client(cfg)`` its client half (a :class:`ClientHook` added to the algorithm's), or None.
+    Wrappers are applied in ``order``, lowest innermost: one that restructures every tensor of the
+    strategy it wraps (pruning) goes outermost, so it sees the state of the wrappers inside it.
+    """
+
+    name: str
+    wrap: Callable[[Strategy, Any], Strategy]
+    client: Callable[[Any], ClientHook | None] | None = None
+    order: int = 0
+
+
+WRAPPERS: list[Wrapper] = []
+
+
+def register_wrapper(entry: Wrapper) -> Wrapper:
+    """Add a wrapper (once per name)."""
+    if any(w.name == entry.name and w != entry for w in WRAPPERS):
+        raise ValueError(f"wrapper {entry.name!r} is registered twice")
+    if entry not in WRAPPERS:
+        WRAPPERS.append(entry)
+        WRAPPERS.sort(key=lambda w: w.order)
+    return entry
 
 
 def register(entry: Algorithm) -> Algorithm:
@@ -57,8 +84,8 @@ def make_strategy(cfg: Any, context: StrategyContext) -> Strategy:
         The federation: number of clients, seed, model spec, client sizes.
     """
     strategy = get_algorithm(cfg.algorithm.name).strategy(cfg.algorithm, context)
-    for _, wrap in WRAPPERS:
-        strategy = wrap(strategy, cfg)
+    for wrapper in WRAPPERS:
+        strategy = wrapper.wrap(strategy, cfg)
     return strategy
 
 
@@ -67,6 +94,16 @@ def strategy_from(algorithm_cfg: Any, num_clients: int, seed: int) -> Strategy:
     return get_algorithm(algorithm_cfg.name).strategy(algorithm_cfg, StrategyContext(num_clients, seed))
 
 
-def client_hook(algorithm_cfg: Any) -> ClientHook:
-    """The client half of the configured algorithm."""
-    return get_algorithm(algorithm_cfg.name).client(algorithm_cfg)
+def client_hook(cfg: Any) -> ClientHook:
+    """The client half of a run: the algorithm's hook, with the client halves of its wrappers.
+
+    Parameters
+    ----------
+    cfg
+        The whole run config, or an algorithm section alone (then: the algorithm's hook only).
+    """
+    algorithm_cfg = getattr(cfg, "algorithm", cfg)
+    hooks = [get_algorithm(algorithm_cfg.name).client(algorithm_cfg)]
+    if algorithm_cfg is not cfg:
+        hooks += [h for w in WRAPPERS if w.client is not None and (h := w.client(cfg)) is not None]
+    return hooks[0] if len(hooks) == 1 else CompositeHook(hooks)

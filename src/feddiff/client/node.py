@@ -22,6 +22,8 @@ from feddiff.algorithms.base import Task
 from feddiff.client.runtime import ClientRuntime, ClientState
 from feddiff.compress.link import ClientLink, pack, unpack
 from feddiff.compress.wire import Message
+from feddiff.model.spec import ModelSpec, SpecError
+from feddiff.prune.structure import index_maps, restructure
 from feddiff.types import StateDict, client_node
 
 
@@ -64,8 +66,8 @@ class ClientNode:
         msg = self.link.receive(blob, state.tensors)
         meta: dict[str, Any] = msg.meta
         if "spec" in meta and meta["spec"] != state.spec:
-            state.spec = meta["spec"]  # a new architecture: optimizer moments of the old one do not apply
-            state.optimizer = None
+            self._new_architecture(state, ModelSpec.from_json(meta["spec"]))
+            state.spec = meta["spec"]
         if "query" in meta:
             return self._answer(client, meta["query"], state, data)
         tensors, extras = unpack(msg.tensors)
@@ -73,6 +75,26 @@ class ClientNode:
         reply = self.runtime.handle(task, state, data.images, progress)
         out = Message(pack(reply.tensors, reply.extras), {"num_samples": reply.num_samples, "metrics": reply.metrics})
         return self.link.send(out, state.tensors, msg.tensors, int(task.config["round"]), client_node(client))
+
+    def _new_architecture(self, state: ClientState, new: ModelSpec) -> None:
+        """The server changed the model's architecture (pruned it): bring this client's record along.
+
+        Everything named like a parameter (personal model, control variates, error-feedback residual) is
+        pruned with the server's indices; the copy the message just delivered already has the new shapes.
+        The optimizer restarts, as FedPhD's code does after pruning. A spec that does not extend this
+        client's (another base model) drops what cannot be carried over.
+        """
+        old = self.runtime.model_spec(state)
+        state.optimizer = None
+        if state.personal is not None or any(not k.startswith("rx/") for k in state.tensors):
+            try:
+                maps = index_maps(old, new)
+            except SpecError:
+                state.personal = None
+                state.tensors = {k: v for k, v in state.tensors.items() if k.startswith("rx/")}
+            else:
+                state.personal = restructure(state.personal, maps) if state.personal is not None else None
+                state.tensors = restructure(state.tensors, maps)
 
     def _answer(self, client: int, names: list[str], state: ClientState, data: ClientData) -> bytes:
         unknown = [n for n in names if n not in self.answers]

@@ -154,6 +154,8 @@ class ClientRuntime:
         spec = replace(self.spec, lr=lr)
         gen = torch_generator(device, self.seed, "train", rnd, client)
         holder = self.shared if self.shared is not None else state  # whose optimizer and warm-up count
+        if holder is self.shared and self.shared.spec != state.spec:  # the model was pruned: a fresh optimizer
+            self.shared.optimizer, self.shared.spec = {}, state.spec
         keep = self.keep_optimizer_state or self.shared is not None
         opt_state = (holder.optimizer or {}) if keep else None
         terms = self.hook.terms(task, state)

@@ -284,7 +284,7 @@ def build_experiment(cfg: Config) -> Experiment:
     scheduler = make_scheduler(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end)
     strategy = make_strategy(cfg, StrategyContext(len(parts), cfg.run.seed, spec, tuple(len(p) for p in parts)))
     t = cfg.train
-    runtime = ClientRuntime(models, spec, scheduler, train_spec(cfg), cfg.run.seed, client_hook(cfg.algorithm),
+    runtime = ClientRuntime(models, spec, scheduler, train_spec(cfg), cfg.run.seed, client_hook(cfg),
                             t.keep_optimizer_state, t.lr_schedule_rounds or cfg.run.num_rounds, t.lr_schedule,
                             t.min_lr_ratio, shared=t.optimizer_scope == "shared")
     return Experiment(cfg, device, train, test, parts, client_data, spec, models, scheduler, strategy, runtime,

@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from diffusers import DDPMPipeline
-
 from feddiff.algorithms.base import Failure, Reply, Task, Transfer
 from feddiff.client.node import QUERY_ROUND
 from feddiff.compress.link import ServerLink, pack, unpack
@@ -34,6 +32,9 @@ from feddiff.engines.progress import RoundProgress
 from feddiff.engines.validate import validate_reply
 from feddiff.metrics.cost import architecture_signature, model_cost
 from feddiff.metrics.ledger import Ledger
+from feddiff.model.export import save_pipeline
+from feddiff.model.spec import ModelSpec
+from feddiff.prune.structure import to_spec
 from feddiff.runs import RunDir, RunError
 from feddiff.types import StateDict, client_node, under
 
@@ -77,8 +78,9 @@ class Engine(Protocol):
     def send_and_receive(self, rnd: int, messages: list[Outgoing], events: RoundEvents) -> list[Incoming]:
         """Deliver every message and return one :class:`Incoming` per message, in any order."""
 
-    def personal_models(self) -> dict[int, StateDict]:
-        """Clients' personal models, for evaluating personalized strategies ({} when not reachable)."""
+    def personal_models(self) -> dict[int, tuple[dict[str, Any] | None, StateDict]]:
+        """Clients' (model spec JSON, personal model), for evaluating personalized strategies ({} when not
+        reachable); spec None: the spec the config builds."""
 
     def state_dict(self) -> tuple[StateDict, dict[str, Any]]:
         """Client records the engine keeps for the server's checkpoint (({}, {}) when the clients keep them)."""
@@ -180,6 +182,7 @@ class Server:
         node = client_node(task.client)
         if spec is not None and spec.id != self.sent_spec.get(node, self.exp.spec.id):
             meta["spec"] = spec.to_json()  # the architecture changed since this node last heard
+            self.link.forget(node)  # its copy has the old shapes: this message carries weights, not deltas
         return Message(pack(task.tensors, task.extras), meta)
 
     def _receive(self, task: Task, inc: Incoming, delivered: StateDict, expected: StateDict) -> Reply | Failure:
@@ -362,7 +365,13 @@ class Server:
         """What to evaluate: the global model, or each client's personal model (UDEC, ULATDEC)."""
         if not self.strategy.personalized:
             return {"global": self.strategy.global_state()}
-        return {client_node(k): self.strategy.personal_model(p) for k, p in sorted(engine.personal_models().items())}
+        current = self.strategy.spec or self.exp.spec
+        out = {}
+        for k, (spec, personal) in sorted(engine.personal_models().items()):
+            held = ModelSpec.from_json(spec) if spec is not None else self.exp.spec
+            # a client not reached since the model was pruned: its model as it will be when next reached
+            out[client_node(k)] = self.strategy.personal_model(to_spec(personal, held, current))
+        return out
 
     def working_model(self):
         """The working model of the global model's architecture (weights: whatever it held last)."""
@@ -400,7 +409,7 @@ class Server:
             dst.write_bytes(src.read_bytes())
             out["final_grid"] = str(dst.relative_to(self.run_dir.path))
         target = self.run_dir.model_path if name == "global" else self.run_dir.path / "models" / name
-        DDPMPipeline(unet=model, scheduler=self.exp.scheduler).save_pretrained(target, safe_serialization=True)
+        save_pipeline(model, self.strategy.spec or self.exp.spec, self.exp.scheduler, target)
         out["model"] = str(target.relative_to(self.run_dir.path))
         return out
 

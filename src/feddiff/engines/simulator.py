@@ -70,9 +70,9 @@ class SimulatorEngine:
         """Let clients answer the ``feature_sums`` query (federated reference statistics) with ``net``."""
         self.node.answers["feature_sums"] = lambda data: feature_sums(net, data)
 
-    def personal_models(self) -> dict[int, StateDict]:
-        """Each client's personal model (UDEC/ULATDEC), read from the records this engine keeps."""
-        return {k: st.personal for k, st in enumerate(self.clients) if st.personal is not None}
+    def personal_models(self) -> dict[int, tuple[dict[str, Any] | None, StateDict]]:
+        """Each client's (model spec, personal model) (UDEC/ULATDEC), from the records this engine keeps."""
+        return {k: (st.spec, st.personal) for k, st in enumerate(self.clients) if st.personal is not None}
 
     def state_dict(self) -> tuple[StateDict, dict[str, Any]]:
         """Every client's record, as ``client/<k>/...`` tensors and per-client JSON."""

@@ -9,6 +9,7 @@ a model, whether the client runtime, resume, evaluation, export or ``feddiff sam
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from feddiff.model.presets import build_unet
 # kind of structural step -> function(model, step) applying it in place; registered by the module
 # that defines the step (structured pruning registers "prune"), so this module stays small
 STRUCTURAL_STEPS: dict[str, Callable[[UNet2DModel, dict[str, Any]], None]] = {}
+# kind -> module that registers it, imported on first use (the model layer does not import pruning eagerly)
+PROVIDERS = {"prune": "feddiff.prune.structure"}
 
 
 class SpecError(ValueError):
@@ -68,6 +71,8 @@ def build_model(spec: ModelSpec, seed: int = 0) -> UNet2DModel:
     model = build_unet(dict(spec.unet), seed)
     for step in spec.history:
         kind = step["kind"]
+        if kind not in STRUCTURAL_STEPS and kind in PROVIDERS:
+            importlib.import_module(PROVIDERS[kind])
         if kind not in STRUCTURAL_STEPS:
             raise SpecError(f"model spec step {kind!r} is unknown here; known: {sorted(STRUCTURAL_STEPS) or 'none'}")
         STRUCTURAL_STEPS[kind](model, step)
