@@ -182,3 +182,39 @@ def test_killed_run_resumes_to_same_weights(tmp_path, fmnist_dir):
     keys = [k for k in a if k.startswith("strategy/global/")]
     assert keys and all(torch.equal(a[k], b[k]) for k in keys)
     assert [m["round"] for m in RunDir(rd).read_metrics()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_prune_prints_sizes_per_ratio_and_saves_a_loadable_model(tmp_path, capsys):
+    # tiny at 16 px: levels (16, 32) with 8 GroupNorm groups of 2 and 4 channels
+    assert main(["prune", "tiny", "--ratio", "0.25", "0.5", "--image-size", "16"]) == 0
+    out = capsys.readouterr().out
+    # kept per group int(size * (1 - ratio)): 0.25 -> 1 of 2 and 3 of 4; 0.5 -> 1 of 2 and 2 of 4
+    assert "[16, 32]" in out and "[8, 24]" in out and "[8, 16]" in out
+    assert main(["prune", "tiny", "--ratio", "0.2", "0.3", "--out", str(tmp_path / "m")]) == 2
+    assert "give one --ratio" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["prune", "tiny", "--ratio", "1.5"])
+    assert "must be in (0, 1), got 1.5" in capsys.readouterr().err
+    assert main(["prune", "tiny", "--ratio", "0.5", "--image-size", "16", "--out", str(tmp_path / "m")]) == 0
+    from feddiff.model.export import load_pipeline
+
+    assert load_pipeline(tmp_path / "m").unet.conv_in.out_channels == 8
+
+
+def test_sample_reads_a_pruned_personal_model_of_a_client_not_reached_since(tmp_path, fmnist_dir, capsys):
+    cfg = write_config(tmp_path, fmnist_dir, rounds=2, steps=1)
+    out = tmp_path / "runs"
+    over = ['algorithm={name="udec", fraction=0.5}', "prune.ratio=0.5", "prune.at=1", "eval.loss_num_samples=8"]
+    assert main(["run", str(cfg), "--out", str(out), *sum((["--set", o] for o in over), [])]) == 0
+    rd = only_run(out)
+    state = RunDir.open(rd).latest_checkpoint()[2]
+    stale = [k for k, m in state["clients"].items() if m["has_personal"] and m.get("spec") != state["strategy"]["spec"]]
+    assert stale, "a client reached in round 1 only (the test needs one)"
+    metrics = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
+    assert f"client{stale[0]}" in metrics[-1]["eval"]["models"]  # evaluated as it will be when next reached
+    import shutil
+
+    shutil.rmtree(rd / "models")
+    capsys.readouterr()
+    assert main(["sample", str(rd), "--num", "2", "--steps", "2", "--client", stale[0],
+                 "--out", str(tmp_path / "c.png")]) == 0

@@ -319,9 +319,6 @@ class Config(Section):
                 f"diffusion.beta_end ({self.diffusion.beta_end})"
             )
         p = self.prune
-        if p.ratio > 0 and isinstance(p.at, int) and p.at >= self.run.num_rounds:
-            raise ValueError(f"prune.at = {p.at} is not before the last round (run.num_rounds = "
-                             f"{self.run.num_rounds}): the model would never be pruned")
         if p.ratio > 0 and p.importance == "taylor" and p.at == "init":
             raise ValueError('prune.importance = "taylor" ranks channels by a training update: it needs '
                              'prune.at >= 1 (use "magnitude" to prune at init)')

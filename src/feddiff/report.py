@@ -49,6 +49,9 @@ def summarize_run(path: str | Path, name: str | None = None) -> dict[str, Any]:
         "bytes": last.get("bytes_cumulative", {}),
         "wall_s": last.get("elapsed_s"),
     }
+    cost = next((r["model_cost"] for r in reversed(metrics) if "model_cost" in r), None)
+    if cost is not None:  # the final architecture's size (pruned runs record it again when it changes)
+        row["parameters"], row["macs"] = cost["parameters"], cost["macs"]
     for key in ("heldout_loss", "fd", "kid_mean", "is_mean"):
         if key in ev:
             row[key] = ev[key]
