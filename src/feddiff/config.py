@@ -155,6 +155,11 @@ class AlgorithmConfig(Section):
     fraction: float = F(1.0, "fraction of clients sampled each round", gt=0, le=1)
     min_clients: int = F(1, "sample at least this many clients per round", ge=1)
 
+    def global_fresh_after(self, rounds: int) -> str | None:
+        """None when the global model after ``rounds`` rounds holds that round's training (structured pruning
+        ranks channels on it); else why not (a hierarchy between central aggregations)."""
+        return None
+
 
 def algorithm_configs() -> dict[str, type[AlgorithmConfig]]:
     """name -> config class of every registered algorithm (importing them registers the built-in ones)."""
@@ -319,6 +324,16 @@ class Config(Section):
                 f"diffusion.beta_end ({self.diffusion.beta_end})"
             )
         p = self.prune
+        if p.ratio > 0 and isinstance(p.at, int):
+            from feddiff.algorithms import get_algorithm
+
+            if get_algorithm(self.algorithm.name).strategy.personalized:
+                raise ValueError(f"prune.at = {p.at} with {self.algorithm.name!r}: the server never holds the clients' "
+                                 "personal parts as trained, so it cannot rank their channels; prune at init "
+                                 '(prune.at = "init")')
+            stale = self.algorithm.global_fresh_after(p.at)
+            if stale is not None:
+                raise ValueError(f"prune.at = {p.at}: {stale}")
         if p.ratio > 0 and p.importance == "taylor" and p.at == "init":
             raise ValueError('prune.importance = "taylor" ranks channels by a training update: it needs '
                              'prune.at >= 1 (use "magnitude" to prune at init)')

@@ -9,7 +9,8 @@ Layout::
       metrics.jsonl        one JSON line per round
       samples/             sample grids (round-0004.png, final.png)
       checkpoints/         round-0004.safetensors (+ the JSON round state inside)
-      model/               the final model: DDPMPipeline.from_pretrained(<this folder>)
+      model/               the final model: DDPMPipeline.from_pretrained(<this folder>); a pruned one
+                           (unet/feddiff_spec.json): feddiff.model.export.load_pipeline(<this folder>)
 """
 
 from __future__ import annotations

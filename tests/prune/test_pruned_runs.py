@@ -35,13 +35,19 @@ def shapes(state):
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
+# personal-model algorithms prune at init; a hierarchy after a central round (every 2 here)
+AT = {"udec": "init", "ulatdec": "init", "hierfavg": 2, "fedphd": 2}
+
+
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_every_algorithm_trains_on_after_pruning(make_config, name):
-    rd = run(pruned_config(make_config, name))
+    at = AT.get(name, 1)
+    rd = run(pruned_config(make_config, name, at=at))
     m = rd.read_metrics()
     assert not any("rejected" in r for r in m)
-    assert m[1]["pruned"]["parameters_after"] < m[1]["pruned"]["parameters_before"]
-    assert m[1]["model_cost"]["parameters"] == m[1]["pruned"]["parameters_after"]
+    pruned = m[0 if at == "init" else at]
+    assert pruned["pruned"]["parameters_after"] < pruned["pruned"]["parameters_before"]
+    assert pruned["model_cost"]["parameters"] == pruned["pruned"]["parameters_after"]
     w = under(final_weights(rd), "strategy/global/")
     assert w["conv_in.weight"].shape[0] == 8  # tiny: 16 channels, group size 2 -> 1 at ratio 0.5
     # every record has the shapes of the architecture it holds: the server's and each reached client's are
@@ -84,13 +90,17 @@ def test_pruning_at_init_and_after_sparse_training(make_config, at):
     assert all("sparsity_reg" in c for r in m[: when - 1] for c in r["clients"])
 
 
-@pytest.mark.parametrize("stop", [1, 2])  # killed before the pruning round, and after it
-@pytest.mark.parametrize("name, link", [
-    ("scaffold", {"uplink": {"codec": "int8", "mode": "delta", "error_feedback": True}}),
-    ("udec", {}), ("fedphd", {"downlink": {"codec": "fp16"}}),
+@pytest.mark.filterwarnings("ignore:prune.at")
+@pytest.mark.parametrize("stop", [2, 3])  # killed just before the pruning (it prunes before round 3), and after it
+@pytest.mark.parametrize("name, extra", [
+    ("scaffold", {"compress": {"uplink": {"codec": "int8", "mode": "delta", "error_feedback": True}},
+                  "algorithm": {"fraction": 0.5}}),  # half the clients: some are reached only after pruning
+    ("udec", {"prune": {"at": "init"}}),  # personal models: prune at init (the server never sees them trained)
+    ("fedphd", {"compress": {"downlink": {"codec": "fp16"}}, "algorithm": {"central_every": 2}}),
+    ("fedavg", {"prune": {"importance": "taylor"}, "train": {"keep_optimizer_state": True}}),
 ])
-def test_resume_before_or_after_pruning_ends_bit_identical(make_config, name, link, stop):
-    kw = {"compress": link, "model": {"dropout": 0.1}}
+def test_resume_before_or_after_pruning_ends_bit_identical(make_config, name, extra, stop):
+    kw = {"model": {"dropout": 0.1}, **extra}
     full = run(pruned_config(make_config, name, at=2, rounds=4, **kw))
     part = run(pruned_config(make_config, name, at=2, rounds=stop, **kw))
     resume(part.path, ["run.num_rounds=4"])
@@ -98,6 +108,7 @@ def test_resume_before_or_after_pruning_ends_bit_identical(make_config, name, li
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ca, cb = full.latest_checkpoint()[1], part.latest_checkpoint()[1]
     assert ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)  # every record, every client
+    assert [r.get("pruned") for r in full.read_metrics()] == [r.get("pruned") for r in part.read_metrics()]
 
 
 def test_scaffold_controls_and_ef_residuals_are_pruned_not_reset(make_config):
@@ -148,6 +159,17 @@ def test_sparsity_term_adds_the_exact_gradient_of_the_group_norms():
 
 def test_prune_settings_are_checked(make_config):
     base = {"run": {"num_rounds": 3}}
+    with pytest.raises(ConfigError, match="never holds the clients' personal parts"):
+        config_from_dict({**base, "algorithm": {"name": "udec"}, "prune": {"ratio": 0.2, "at": 1}})
+    config_from_dict({**base, "algorithm": {"name": "udec"}, "prune": {"ratio": 0.2}})  # at init: fine
+    hier = {"name": "fedphd", "central_every": 5}
+    with pytest.raises(ConfigError, match=r"round 7 does not update; prune after a central round \(multiples of k"):
+        config_from_dict({**base, "algorithm": hier, "prune": {"ratio": 0.2, "at": 7}})
+    config_from_dict({**base, "algorithm": hier, "prune": {"ratio": 0.2, "at": 10}})
+    code = {**hier, "central_schedule": "code"}  # central at 0-based rounds 0, 5: after 1-based rounds 1, 6, 11
+    config_from_dict({**base, "algorithm": code, "prune": {"ratio": 0.2, "at": 6}})
+    with pytest.raises(ConfigError, match="rounds 1, 1 \\+ k"):
+        config_from_dict({**base, "algorithm": code, "prune": {"ratio": 0.2, "at": 5}})
     with pytest.warns(UserWarning, match="never prune it"):
         run(make_config(run={"num_rounds": 1}, eval=QUIET, prune={"ratio": 0.5, "at": 1}))
     with pytest.raises(ValueError, match="needs prune.at >= 1"):
@@ -161,3 +183,39 @@ def test_prune_settings_are_checked(make_config):
 def test_taylor_importance_in_a_run(make_config):
     rd = run(pruned_config(make_config, at=1, prune={"ratio": 0.5, "at": 1, "importance": "taylor"}))
     assert rd.read_metrics()[1]["pruned"]["importance"] == "taylor"
+
+
+def test_taylor_without_an_update_prunes_by_magnitude_and_reports_it_late(make_config, monkeypatch):
+    from feddiff.client.runtime import ClientRuntime
+
+    handle = ClientRuntime.handle
+
+    def fail_rounds_1_2(self, task, *args, **kwargs):  # 0-based rounds 1 and 2 get no usable reply
+        if task.config["round"] in (1, 2):
+            raise RuntimeError("offline")
+        return handle(self, task, *args, **kwargs)
+
+    monkeypatch.setattr(ClientRuntime, "handle", fail_rounds_1_2)
+    cfg = pruned_config(make_config, at=2, rounds=4, prune={"importance": "taylor"})
+    with pytest.warns(UserWarning, match="pruning by magnitude"):
+        rd = run(cfg)
+    m = rd.read_metrics()
+    assert [r["round"] for r in m if "skipped" in r] == [2, 3]
+    # pruned before round 3, which had no reply: reported with round 4, naming the round it happened
+    assert [(r["round"], r["pruned"]["round"], r["pruned"]["importance"]) for r in m if "pruned" in r] == \
+        [(4, 3, "magnitude")]
+
+
+def test_a_spec_that_does_not_extend_the_clients_is_refused():
+    from feddiff.client.node import ClientNode
+    from feddiff.client.runtime import ClientRuntime, ClientState
+    from feddiff.compress.link import ClientLink, LinkSpecs
+    from feddiff.model.presets import unet_kwargs
+
+    base = ModelSpec(unet_kwargs("tiny", 1, 8))
+    other = ModelSpec(unet_kwargs("tiny", 1, 8, block_out_channels=[32, 64]))
+    node = ClientNode(ClientRuntime(lambda spec: None, base, None, None, 0), ClientLink(LinkSpecs(), 0))
+    state = ClientState(tensors={"scaffold/conv_in.weight": torch.zeros(16, 1, 3, 3)})
+    with pytest.raises(ValueError, match="cannot replace this client's"):
+        node._new_architecture(state, other)
+    assert state.tensors["scaffold/conv_in.weight"].shape == (16, 1, 3, 3)

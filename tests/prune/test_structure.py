@@ -131,3 +131,10 @@ def test_a_pruned_export_loads_and_samples(tmp_path):
     (tmp_path / "m" / "unet" / SPEC_FILE).write_text(json.dumps(spec.with_step(step).to_json()))
     with pytest.raises(SpecError, match="does not fit"):
         load_unet(tmp_path / "m" / "unet")
+
+
+def test_a_ratio_that_would_empty_a_group_leaves_that_level_whole_and_says_so():
+    model = build_model(spec_of(), 0)  # groups of 4 and 8 channels
+    with pytest.warns(UserWarning, match=r"level\(s\) \[0\] at full width \(\[32, 64\] -> \[32, 8\]\)"):
+        prune_model(model, 0.8)  # int(4 * 0.2) = 0 kept: refused; int(8 * 0.2) = 1 kept of each group of 8
+    assert widths(model) == [32, 8]

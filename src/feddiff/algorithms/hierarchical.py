@@ -56,6 +56,15 @@ class HierFAVGConfig(AlgorithmConfig):
         "clients, or fixed (edge_of)"
     )
     edge_of: list[int] = F([], "selection = fixed: the edge of each client (a real deployment's map)")
+
+    def global_fresh_after(self, rounds: int) -> str | None:
+        every = self.central_every
+        central = (rounds - 1) % every == 0 if self.central_schedule == "code" else rounds % every == 0
+        if central:
+            return None
+        which = "rounds 1, 1 + k, 1 + 2k, ..." if self.central_schedule == "code" else "multiples of k"
+        return (f"the global model of a hierarchy is the last central aggregate, which round {rounds} does not "
+                f"update; prune after a central round ({which}, k = central_every = {every})")
     select_c: float = F(10000.0, "homogeneity selection: c in max(c*HS - n_e + b, 0) + eps", ge=0)
     select_b: float = F(0.0, "homogeneity selection: b")
     select_eps: float = F(1e-8, "homogeneity selection: eps (keeps every edge possible)", gt=0)

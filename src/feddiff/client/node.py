@@ -82,19 +82,17 @@ class ClientNode:
         Everything named like a parameter (personal model, control variates, error-feedback residual) is
         pruned with the server's indices; the copy the message just delivered already has the new shapes.
         The optimizer restarts, as FedPhD's code does after pruning. A spec that does not extend this
-        client's (another base model) drops what cannot be carried over.
+        client's (another base model) is refused: the task fails and the record stays as it was.
         """
         old = self.runtime.model_spec(state)
-        state.optimizer = None
         if state.personal is not None or any(not k.startswith("rx/") for k in state.tensors):
             try:
                 maps = index_maps(old, new)
-            except SpecError:
-                state.personal = None
-                state.tensors = {k: v for k, v in state.tensors.items() if k.startswith("rx/")}
-            else:
-                state.personal = restructure(state.personal, maps) if state.personal is not None else None
-                state.tensors = restructure(state.tensors, maps)
+            except SpecError as err:
+                raise ValueError(f"the server's model spec {new.id} cannot replace this client's {old.id}: {err}") from None
+            state.personal = restructure(state.personal, maps) if state.personal is not None else None
+            state.tensors = restructure(state.tensors, maps)
+        state.optimizer = None
 
     def _answer(self, client: int, names: list[str], state: ClientState, data: ClientData) -> bytes:
         unknown = [n for n in names if n not in self.answers]

@@ -6,7 +6,6 @@ Both engines start here, so a run means the same thing in the simulator and on F
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -279,11 +278,6 @@ def build_experiment(cfg: Config) -> Experiment:
     client_data = [ClientData(train.images[torch.from_numpy(p)].to(device), train.labels[torch.from_numpy(p)],
                               train.num_classes) for p in parts]
 
-    p = cfg.prune
-    if p.ratio > 0 and isinstance(p.at, int) and p.at >= cfg.run.num_rounds:
-        warnings.warn(f"prune.at = {p.at} is not before the last round (run.num_rounds = {cfg.run.num_rounds}): "
-                      "these rounds train the dense model with the sparsity regulariser and never prune it (a "
-                      "resume with a larger run.num_rounds will)", stacklevel=2)
     spec = model_spec(cfg, train.channels)
     models = ModelCache(device, derive_seed(cfg.run.seed, "model-init"))
     d = cfg.diffusion

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,6 +280,11 @@ class Server:
         num_rounds = cfg.run.num_rounds
         progress = RoundProgress(cfg.run.progress, num_rounds, self.start_round)
         progress.message(self.exp.banner(self.start_round, self.run_dir))
+        p = cfg.prune
+        if p.ratio > 0 and isinstance(p.at, int) and p.at >= num_rounds:
+            warnings.warn(f"prune.at = {p.at} is not before the last round (run.num_rounds = {num_rounds}): these "
+                          "rounds train the dense model with the sparsity regulariser and never prune it (a resume "
+                          "with a larger run.num_rounds will)", stacklevel=2)
         try:
             self.setup(engine, reference)
             for rnd in range(self.start_round, num_rounds):

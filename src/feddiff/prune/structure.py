@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
+from math import prod
 from collections import OrderedDict
 from typing import Any
 
@@ -41,9 +43,9 @@ KIND = "prune"
 def example_inputs(model: UNet2DModel) -> dict[str, torch.Tensor]:
     """The trace inputs of a U-Net (one image at its configured size, timestep 1), on its device."""
     c = model.config
-    device = next(model.parameters()).device
-    return {"sample": torch.zeros(1, c.in_channels, c.sample_size, c.sample_size, device=device),
-            "timestep": torch.ones(1, dtype=torch.long, device=device)}
+    p = next(model.parameters())
+    return {"sample": torch.zeros(1, c.in_channels, c.sample_size, c.sample_size, device=p.device, dtype=p.dtype),
+            "timestep": torch.ones(1, dtype=torch.long, device=p.device)}
 
 
 def _attention_heads(model: UNet2DModel) -> dict[torch.nn.Module, int]:
@@ -95,11 +97,12 @@ def prune_model(model: UNet2DModel, ratio: float, importance: str = "magnitude",
     elif importance == "taylor":
         if gradients is None:
             raise ValueError("taylor importance needs gradients (a model that has been trained)")
-        imp = tp.importance.GroupTaylorImportance()
+        imp = _taylor_or_magnitude(tp)
         for name, p in model.named_parameters():
             p.grad = gradients[name].to(p.device, p.dtype).clone()
     else:
         raise ValueError(f"unknown pruning importance {importance!r}; choose from {list(IMPORTANCES)}")
+    widths = _widths(model)
     was_training = model.training
     model.eval()
     with contextlib.redirect_stdout(io.StringIO()):
@@ -111,7 +114,42 @@ def prune_model(model: UNet2DModel, ratio: float, importance: str = "magnitude",
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     history = [[str(name), bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in pruner.pruning_history()]
+    after = _widths(model)
+    if not history:
+        raise ValueError(f"pruning ratio {ratio} removes no channel of this model (GroupNorm groups of "
+                         f"{[w // model.config.norm_num_groups for w in widths]} channels per level keep "
+                         "int(size * (1 - ratio)) each, and a group would be emptied)")
+    kept = [i for i, (a, b) in enumerate(zip(widths, after)) if a == b]
+    if kept:
+        warnings.warn(f"pruning ratio {ratio} leaves level(s) {kept} at full width ({widths} -> {after}): a GroupNorm "
+                      "group would keep int(size * (1 - ratio)) = 0 channels there, which Torch-Pruning refuses",
+                      stacklevel=2)
     return {"kind": KIND, "ratio": float(ratio), "importance": importance, "history": history}
+
+
+def _widths(model: UNet2DModel) -> list[int]:
+    """Channels of each resolution level (the first resnet's output of each down block)."""
+    return [int(b.resnets[0].conv1.out_channels) for b in model.down_blocks]
+
+
+def _taylor_or_magnitude(tp):
+    """Group Taylor importance |w * g|, or the group's magnitude where g is zero all over it.
+
+    Groups the update never reached (a hierarchy's or a personalised model's parts the server did not
+    average this round) would all score 0 (NaN after Torch-Pruning's mean normaliser); their channels are
+    ranked by magnitude instead. Local pruning ranks within each group, so no normaliser is needed.
+    """
+    taylor = tp.importance.GroupTaylorImportance(normalizer=None)
+    magnitude = tp.importance.GroupMagnitudeImportance(p=2)
+
+    class TaylorOrMagnitude(tp.importance.Importance):
+        def __call__(self, group):
+            scores = taylor(group)
+            if scores is None or not bool(torch.isfinite(scores).all()) or not bool(scores.abs().sum() > 0):
+                return magnitude(group)
+            return scores
+
+    return TaylorOrMagnitude()
 
 
 def replay(model: UNet2DModel, step: dict[str, Any]) -> None:
@@ -155,12 +193,10 @@ def index_maps(before: ModelSpec, after: ModelSpec) -> IndexMaps:
     n = len(before.history)
     if after.unet != before.unet or after.history[:n] != before.history:
         raise SpecError("the new model spec does not extend the old one (another base architecture)")
-    model = build_model(before, 0)
+    model = build_model(before, 0).double()  # float64 holds every position exactly (up to 2**53)
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     with torch.no_grad():
         for p in model.parameters():
-            if p.numel() >= 2 ** 24:
-                raise SpecError("a parameter has more elements than float32 can index exactly")
             p.copy_(torch.arange(p.numel(), dtype=p.dtype).view_as(p))
     for step in after.history[n:]:
         STRUCTURAL_STEPS[step["kind"]](model, step)
@@ -169,13 +205,16 @@ def index_maps(before: ModelSpec, after: ModelSpec) -> IndexMaps:
         old = shapes[name]
         if tuple(p.shape) == old:
             continue
-        flat = p.detach().round().long()
+        flat = p.detach().long()
         dims: dict[int, torch.Tensor] = {}
         for d, (was, now) in enumerate(zip(old, p.shape)):
             if was != now:
                 line = flat[tuple(slice(None) if j == d else 0 for j in range(flat.ndim))]
                 dims[d] = torch.unravel_index(line, old)[d].clone()
         maps[name] = (old, dims)
+        got = restructure({name: torch.arange(prod(old)).view(old)}, {name: maps[name]})[name]
+        if not torch.equal(got, flat):  # the step is not a selection of indices per dimension
+            raise SpecError(f"structural step on {name} is not an index selection per dimension; cannot map tensors")
     _MAPS[key] = maps
     while len(_MAPS) > 8:
         _MAPS.popitem(last=False)

@@ -17,6 +17,7 @@ whole tensors rather than channels.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -27,7 +28,6 @@ from feddiff.client.train import LocalTerm
 from feddiff.model.presets import count_parameters
 from feddiff.model.spec import build_model
 from feddiff.prune.structure import KIND, index_maps, prune_model, restructure
-from feddiff.runs import RunError
 from feddiff.types import StateDict, under
 
 
@@ -54,7 +54,6 @@ class PruneStrategy(StrategyWrapper):
         return self.inner.spec is not None and any(s.get("kind") == KIND for s in self.inner.spec.history)
 
     def configure(self, rnd: int) -> list[Task]:
-        self.prune_event = None
         if not self.pruned:
             if rnd >= self.prune_round:
                 self.prune(rnd)
@@ -75,10 +74,12 @@ class PruneStrategy(StrategyWrapper):
         model = build_model(spec, 0)
         model.load_state_dict(self.inner.global_state())
         params_before = count_parameters(model)
-        gradients = None
-        if self.prune_cfg.importance == "taylor":
+        importance, gradients = self.prune_cfg.importance, None
+        if importance == "taylor":
             gradients = self.update_direction(rnd)
-        step = prune_model(model, self.prune_cfg.ratio, self.prune_cfg.importance, gradients)
+            if gradients is None:
+                importance = "magnitude"
+        step = prune_model(model, self.prune_cfg.ratio, importance, gradients)
         step["round"] = rnd + 1  # 1-based, as metrics.jsonl counts: pruned before this round trained
         new = spec.with_step(step)
         tensors, meta = self.inner.state_dict()
@@ -86,30 +87,29 @@ class PruneStrategy(StrategyWrapper):
         meta["spec"] = new.to_json()
         self.inner.load_state_dict(tensors, meta)
         self.before_update = None
-        self.prune_event = {"ratio": step["ratio"], "importance": step["importance"],
+        self.prune_event = {"round": rnd + 1, "ratio": step["ratio"], "importance": step["importance"],
                             "parameters_before": params_before, "parameters_after": count_parameters(model)}
 
-    def update_direction(self, rnd: int) -> StateDict:
+    def update_direction(self, rnd: int) -> StateDict | None:
         """Taylor's gradient stand-in: the global model's change over the last round (w_before - w_now).
 
         With one local SGD step per client this is lr times the federated gradient; with more steps or Adam
-        it is the aggregate update, a first-order saliency of the same sign convention.
+        it is the aggregate update, a first-order saliency of the same sign convention. None (the caller
+        ranks by magnitude, and says so) when there is no update to use: the round before gave no usable
+        reply, or the snapshot was not kept.
         """
-        if self.before_update is None:
-            raise RunError(f"prune.importance = 'taylor' needs the global model of round {rnd} (one before "
-                           "pruning); it was not kept (a run resumed from before this option was set?)")
         now = self.inner.global_state()
-        delta = {k: self.before_update[k] - now[k] for k in now}
-        if not any(bool(d.any()) for d in delta.values()):
-            raise RunError(f"prune.importance = 'taylor': the global model did not change in round {rnd} "
-                           "(a hierarchy whose central aggregation is in another round?); choose prune.at "
-                           "just after a round that changes the global model")
+        delta = None if self.before_update is None else {k: self.before_update[k] - now[k] for k in now}
+        if delta is None or not any(bool(d.any()) for d in delta.values()):
+            warnings.warn(f"prune.importance = 'taylor': the global model did not change in round {rnd} (no usable "
+                          "reply?), so there is no update to rank channels by; pruning by magnitude", stacklevel=2)
+            return None
         return delta
 
     def round_metrics(self, rnd: int) -> dict[str, Any]:
         out = self.inner.round_metrics(rnd)
-        if self.prune_event is not None:
-            out["pruned"] = self.prune_event
+        if self.prune_event is not None:  # reported once, with the first round that has replies
+            out["pruned"], self.prune_event = self.prune_event, None
         return out
 
     def state_dict(self) -> tuple[StateDict, dict[str, Any]]:
