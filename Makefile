@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml constraints.txt
 	fi
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==2.13.0
-	$(VPY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(VPY) -m pip install -q -c constraints.txt -e ".[test,flower]"
 	@$(VPY) -c 'import torch; assert torch.__version__.startswith("2.13.0"), torch.__version__'
 	@touch $@
 

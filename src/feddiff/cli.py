@@ -18,6 +18,8 @@ Federated training of diffusion models (DDPM) on data split across clients.
   feddiff model-info cifar10-ddpm                parameters, MACs and encoder/latent/decoder shares
   feddiff prune cifar10-ddpm --ratio 0.1 0.2 0.3 parameters and MACs after structured pruning (FedPhD)
   feddiff sweep configs/degoede_fmnist.toml      a grid of runs (resumable), with a summary table
+  feddiff flower configs/smoke.toml              the same run on Flower: a SuperLink and one SuperNode per client
+                                                 on loopback (real processes), then `flwr run`
   feddiff eval runs/quickstart-... --num-samples 1000   FD-domain / KID / IS of the final model
   feddiff features train --dataset fashion-mnist        the offline feature network for FD-domain
 """
@@ -147,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights that rank channels (default 0)")
     p.add_argument("--out", metavar="DIR", help="save the pruned model (one ratio) as a pipeline folder that "
                    "feddiff.model.export.load_pipeline reads")
+
+    p = sub.add_parser("flower", help="train a config on a local Flower deployment (SuperLink + SuperNodes on "
+                                      "loopback)")
+    p.add_argument("config", help="TOML config file")
+    p.add_argument("--out", metavar="DIR", help="deployment folder (Flower homes, app, logs; the run folder is "
+                                                "DIR/run); default: a new folder under run.out_dir")
+    p.add_argument("--edges", metavar="E0,E1,...", help="hierarchies: the edge-id each node declares, one per client")
+    p.add_argument("--timeout", type=_int_at_least(1), default=None, metavar="S", help="give up after S seconds")
+    _add_set(p)
 
     p = sub.add_parser("config", help="print every config key with its default and description, or a resolved config")
     p.add_argument("config", nargs="?", help="a TOML config to resolve and print as JSON")

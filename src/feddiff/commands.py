@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -235,6 +236,23 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_flower(args: argparse.Namespace) -> int:
+    from feddiff.engines.flower import require_flwr
+
+    require_flwr()
+    from feddiff.engines.flower.local import run_local
+
+    cfg = load_config(args.config, args.overrides)
+    folder = Path(args.out) if args.out else Path(cfg.run.out_dir) / f"{cfg.run.name or Path(args.config).stem}-flower-{time.strftime('%Y%m%d-%H%M%S')}"
+    edges = args.edges.split(",") if args.edges else None
+    console = _console()
+    console.print(f"Flower deployment in {folder}: 1 SuperLink + {cfg.partition.num_clients} SuperNodes on loopback "
+                  f"(logs in {folder}/logs)")
+    run_path = run_local(cfg, folder, edges=edges, timeout_s=args.timeout)
+    console.print(f"run folder: {run_path}")
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from feddiff.report import compare, summarize_run, table
     from feddiff.runs import atomic_write_json
@@ -319,4 +337,4 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "sample": cmd_sample, "partition": cmd_partition, "config": cmd_config,
-            "model-info": cmd_model_info, "prune": cmd_prune, "sweep": cmd_sweep, "eval": cmd_eval, "features": cmd_features}
+            "model-info": cmd_model_info, "prune": cmd_prune, "flower": cmd_flower, "sweep": cmd_sweep, "eval": cmd_eval, "features": cmd_features}

@@ -101,11 +101,12 @@ class Simulator:
     """A run in this process: the shared round loop (:class:`~feddiff.engines.loop.Server`) over a
     :class:`SimulatorEngine`."""
 
-    def __init__(self, exp: Experiment, run_dir: RunDir):
+    def __init__(self, exp: Experiment, run_dir: RunDir, engine=None):
         self.exp = exp
         self.cfg: Config = exp.cfg
         self.run_dir = run_dir
-        self.engine = SimulatorEngine(exp)
+        # the clients: in this process (the simulator), or another engine's (Flower's nodes)
+        self.engine = engine if engine is not None else SimulatorEngine(exp)
         evaluator = Evaluator(self.cfg.eval, exp.scheduler, exp.test.images if exp.test is not None else None,
                               self.cfg.run.seed, exp.device, self.cfg.diffusion.loss)
         self.server = Server(exp, run_dir, evaluator)

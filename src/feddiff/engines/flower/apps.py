@@ -1,0 +1,129 @@
+"""The ServerApp and ClientApp of a feddiff run on Flower, built from a resolved config file.
+
+A generated app folder (``local.write_app``) holds two three-line modules that call
+:func:`make_server_app` and :func:`make_client_app` with the path of ``feddiff_run.json`` (the resolved
+config and where the run folder goes), which Flower ships to every node inside the app bundle. The apps
+import the installed feddiff: nothing of feddiff is copied into the bundle.
+
+The ServerApp learns which node holds which partition (and edge) with a ``query.hello`` round, then runs
+the same round loop as the simulator. Each ClientApp call rebuilds its client from the config, loads its
+partition from the node's cache, and keeps its record in ``Context.state``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from feddiff.config import Config, ConfigError, config_from_dict
+from feddiff.engines.flower.grid import SECTION, FlowerEngine, discover
+from feddiff.engines.flower.node import EDGE_ID, NUM_PARTITIONS, PARTITION_ID, NodeSession, node_identity
+
+STATE = "feddiff-record"  # the Context.state entry that holds the client's record
+
+
+def read_app_file(path: str | Path) -> tuple[Config, dict[str, Any]]:
+    """(config, the rest of the app file: run_path, poll_s, timeout_s)."""
+    data = json.loads(Path(path).read_text())
+    cfg = config_from_dict(data["config"], str(path))
+    return cfg, {k: v for k, v in data.items() if k != "config"}
+
+
+def check_flower_config(cfg: Config) -> None:
+    """Settings the Flower engine cannot honour (yet), refused before anything runs."""
+    if cfg.train.optimizer_scope == "shared":
+        raise ConfigError('train.optimizer_scope = "shared" is a simulator artefact (one optimizer for every '
+                          "client); on Flower each client keeps its own")
+    if cfg.eval.federated_reference:
+        raise ConfigError("eval.federated_reference is not available on the Flower engine yet; use reference "
+                          "statistics from the server's reference split")
+
+
+def with_node_edges(cfg: Config, found: dict[int, dict[str, Any]]) -> Config:
+    """A hierarchy whose nodes declare their edge (``edge-id``): fixed edges, in the nodes' order."""
+    declared = {pid: f["edge"] for pid, f in found.items() if f["edge"]}
+    if not declared:
+        return cfg
+    if not hasattr(cfg.algorithm, "num_edges"):
+        print(f"note: nodes declare edges, but {cfg.algorithm.name!r} is not a hierarchy; ignored", flush=True)
+        return cfg
+    if len(declared) != len(found):
+        raise ConfigError(f"only partitions {sorted(declared)} declare an {EDGE_ID}; give every node one or none")
+    names = sorted(set(declared.values()))
+    if len(names) != cfg.algorithm.num_edges:
+        raise ConfigError(f"the nodes declare {len(names)} edges {names}; algorithm.num_edges = "
+                          f"{cfg.algorithm.num_edges}")
+    edge_of = [names.index(declared[pid]) for pid in range(len(found))]
+    print(f"edges from the nodes' {EDGE_ID}: " + ", ".join(f"{n} = clients {[p for p in range(len(found)) if edge_of[p] == i]}"
+                                                          for i, n in enumerate(names)), flush=True)
+    algo = cfg.algorithm.model_copy(update={"selection": "fixed", "edge_of": edge_of})
+    return cfg.model_copy(update={"algorithm": algo})
+
+
+def server_main(grid: Grid, app_file: Path) -> str:
+    """Run the rounds on the nodes behind ``grid``; returns the run folder."""
+    from feddiff.engines.experiment import build_experiment
+    from feddiff.engines.simulator import Simulator
+    from feddiff.runs import RunDir
+
+    cfg, extra = read_app_file(app_file)
+    check_flower_config(cfg)
+    found = discover(grid, cfg.partition.num_clients)
+    cfg = with_node_edges(cfg, found)
+    exp = build_experiment(cfg)  # the server reads the train split for the partition sizes (aggregation weights)
+    run_path = extra.get("run_path")
+    run_dir = RunDir.create_at(run_path) if run_path else RunDir.create(cfg.run.out_dir, cfg.run.name or "run")
+    engine = FlowerEngine(grid, {pid: f["node"] for pid, f in found.items()}, poll_s=float(extra.get("poll_s", 0.05)),
+                          timeout_s=extra.get("timeout_s"))
+    sim = Simulator(exp, run_dir, engine=engine)
+    sim.initialize()
+    return str(sim.run().path)
+
+
+def make_server_app(app_file: str | Path) -> ServerApp:
+    """The ServerApp of the run described by ``app_file``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        server_main(grid, Path(app_file))
+
+    return app
+
+
+def hello_answer(node_config: dict[str, Any]) -> RecordDict:
+    """A node's answer to ``query.hello``: the partition it holds and its edge (from its node config)."""
+    me = node_identity(node_config)
+    return RecordDict({SECTION: ConfigRecord({PARTITION_ID: me.partition_id, NUM_PARTITIONS: me.num_partitions,
+                                              EDGE_ID: me.edge_id})})
+
+
+def client_answer(content: RecordDict, node_config: dict[str, Any], state: RecordDict, app_file: str | Path) -> RecordDict:
+    """A node's answer to a feddiff task or query; its record in ``state`` is replaced only on success."""
+    cfg, _ = read_app_file(app_file)
+    session = NodeSession(cfg, node_identity(node_config))
+    record = state[STATE]["record"] if STATE in state else None
+    reply, record = session.handle(content[SECTION]["blob"], record)
+    state[STATE] = ConfigRecord({"record": record})
+    return RecordDict({SECTION: ConfigRecord({"blob": reply})})
+
+
+def make_client_app(app_file: str | Path) -> ClientApp:
+    """The ClientApp of the run described by ``app_file``."""
+    app = ClientApp()
+
+    @app.query("hello")
+    def hello(msg: Message, context: Context) -> Message:
+        return Message(hello_answer(context.node_config), reply_to=msg)
+
+    def handle(msg: Message, context: Context) -> Message:
+        return Message(client_answer(msg.content, context.node_config, context.state, app_file), reply_to=msg)
+
+    app.train("feddiff")(handle)
+    app.query("feddiff")(handle)
+    return app

@@ -1,0 +1,133 @@
+"""The engine over Flower's ``Grid``: feddiff's bytes in Flower messages, replies as they arrive.
+
+``send_and_receive`` pushes one Flower message per task (our frame as a ``bytes`` value of a
+``ConfigRecord``: the ledger counts exactly what the simulator counts) and pulls replies every
+``poll_s`` (Flower's own ``Grid.send_and_receive`` sleeps 3 s between pulls). A reply with a Flower
+error (the ClientApp raised, the node went away) is that client's failure, like a raising client in the
+simulator. Nodes are matched to clients by the ``partition-id`` in their node config, asked once with a
+``query.hello`` message.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from feddiff.client.node import QUERY_ROUND
+from feddiff.engines.flower.node import EDGE_ID, NUM_PARTITIONS, PARTITION_ID
+from feddiff.engines.loop import Incoming, Outgoing, RoundEvents
+from feddiff.runs import RunError
+from feddiff.types import StateDict
+
+TRAIN, QUERY, HELLO = "train.feddiff", "query.feddiff", "query.hello"
+SECTION = "feddiff"  # the RecordDict entry that carries our frame
+
+
+def exchange(grid: Grid, messages: list[Message], poll_s: float, timeout_s: float | None,
+             on_reply=lambda message: None) -> tuple[list[Message], list[int]]:
+    """Push ``messages`` and pull until every one has a reply or ``timeout_s`` passes.
+
+    Returns (replies, indices of the messages that got none).
+    """
+    ids = list(grid.push_messages(messages))
+    pending = {mid: i for i, mid in enumerate(ids) if mid is not None}
+    lost = [i for i, mid in enumerate(ids) if mid is None]
+    replies: list[Message] = []
+    end = None if timeout_s is None else time.monotonic() + timeout_s
+    while pending and (end is None or time.monotonic() < end):
+        got = list(grid.pull_messages(list(pending)))
+        for reply in got:
+            if pending.pop(reply.metadata.reply_to_message_id, None) is not None:
+                replies.append(reply)
+                on_reply(reply)
+        if pending and not got:
+            time.sleep(poll_s)
+    return replies, lost + sorted(pending.values())
+
+
+def discover(grid: Grid, num_clients: int, wait_s: float = 300.0, poll_s: float = 0.1) -> dict[int, dict[str, Any]]:
+    """Wait for ``num_clients`` nodes and ask each who it is; partition id -> {node, edge}."""
+    end = time.monotonic() + wait_s
+    while len(list(grid.get_node_ids())) < num_clients:
+        if time.monotonic() > end:
+            raise RunError(f"only {len(list(grid.get_node_ids()))} of {num_clients} SuperNodes connected within "
+                           f"{wait_s:.0f} s (partition.num_clients = {num_clients})")
+        time.sleep(poll_s)
+    nodes = sorted(grid.get_node_ids())
+    hello = [Message(RecordDict(), dst_node_id=n, message_type=HELLO) for n in nodes]
+    replies, missing = exchange(grid, hello, poll_s, wait_s)
+    if missing:
+        raise RunError(f"SuperNodes {[nodes[i] for i in missing]} did not say which partition they hold")
+    found: dict[int, dict[str, Any]] = {}
+    for r in replies:
+        node = r.metadata.src_node_id
+        if r.has_error():
+            raise RunError(f"SuperNode {node} could not say which partition it holds: {r.error.reason}")
+        c = r.content[SECTION]
+        pid, num = int(c[PARTITION_ID]), int(c[NUM_PARTITIONS])
+        if num != num_clients:
+            raise RunError(f"SuperNode {node} has {NUM_PARTITIONS}={num}; the run has partition.num_clients="
+                           f"{num_clients}")
+        if pid in found:
+            raise RunError(f"SuperNodes {found[pid]['node']} and {node} both hold {PARTITION_ID}={pid}")
+        found[pid] = {"node": node, "edge": str(c[EDGE_ID])}
+    absent = sorted(set(range(num_clients)) - set(found))
+    if absent:
+        raise RunError(f"no SuperNode holds partitions {absent} (connected: {sorted(found)})")
+    return found
+
+
+class FlowerEngine:
+    """:class:`~feddiff.engines.loop.Engine` over a Flower ``Grid`` (the clients keep their own records).
+
+    Parameters
+    ----------
+    grid
+        The ServerApp's grid.
+    node_of
+        Client (partition id) -> Flower node id.
+    poll_s
+        Seconds between pulls while replies are outstanding.
+    timeout_s
+        How long a round waits for replies (None: until every node answers or Flower reports an error).
+    """
+
+    def __init__(self, grid: Grid, node_of: dict[int, int], poll_s: float = 0.05, timeout_s: float | None = None):
+        self.grid, self.node_of, self.poll_s, self.timeout_s = grid, dict(node_of), poll_s, timeout_s
+
+    def send_and_receive(self, rnd: int, messages: list[Outgoing], events: RoundEvents) -> list[Incoming]:
+        kind = QUERY if rnd == QUERY_ROUND else TRAIN
+        out = [Message(RecordDict({SECTION: ConfigRecord({"blob": m.blob, "round": rnd, "client": m.client})}),
+                       dst_node_id=self.node_of[m.client], message_type=kind) for m in messages]
+        client_of_node = {self.node_of[m.client]: m.client for m in messages}
+        for i, m in enumerate(messages):
+            events.start(m.client, i, len(messages))
+        results: list[Incoming] = []
+
+        def arrived(reply: Message) -> None:
+            client = client_of_node[reply.metadata.src_node_id]
+            if reply.has_error():
+                inc = Incoming(client, error=f"Flower error {reply.error.code}: {reply.error.reason}")
+            else:
+                inc = Incoming(client, blob=bytes(reply.content[SECTION]["blob"]))
+            results.append(inc)
+            events.done(inc)
+
+        _, lost = exchange(self.grid, out, self.poll_s, self.timeout_s, arrived)
+        for i in lost:
+            results.append(Incoming(messages[i].client, error="no reply (not delivered, or past the round's timeout)"))
+        return results
+
+    def personal_models(self) -> dict[int, tuple[dict[str, Any] | None, StateDict]]:
+        """Personal models stay on the nodes; the ServerApp does not fetch them (not evaluated yet)."""
+        return {}
+
+    def state_dict(self) -> tuple[StateDict, dict[str, Any]]:
+        """Nothing: every client keeps its record in its node's context."""
+        return {}, {}
+
+    def load_state_dict(self, tensors: StateDict, meta: dict[str, Any]) -> None:
+        """Nothing to restore here (the records are on the nodes)."""

@@ -1,0 +1,158 @@
+"""A Flower node's side of feddiff, without Flower: its config, its data, its record, one message at a time.
+
+Flower starts a fresh ClientApp process for every message, so what a node needs is rebuilt each time and
+kept small: the config (shipped inside the app), the client's partition (read once from the dataset and
+cached on the node's disk, keyed by everything that defines it), and the client's record (optimizer state,
+personal model, control variates, link copies), which travels in and out of Flower's ``Context.state`` as
+one feddiff frame (CRC-checked, nothing unpickled).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from feddiff.config import Config, ConfigError
+from feddiff.types import StateDict
+
+# node config keys (flower-supernode --node-config 'partition-id=0 num-partitions=4 edge-id="e1"')
+PARTITION_ID, NUM_PARTITIONS, EDGE_ID, DATA_ROOT = "partition-id", "num-partitions", "edge-id", "data-root"
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """Who a node says it is: the partition it holds, and the edge it belongs to (hierarchies)."""
+
+    partition_id: int
+    num_partitions: int
+    edge_id: str = ""
+    data_root: str = ""
+
+
+def node_identity(node_config: dict[str, Any]) -> NodeIdentity:
+    """Read a node's config; a missing or wrong key is an error naming it and the flag that sets it."""
+    def need(key: str, kind: type):
+        if key not in node_config:
+            raise ConfigError(f"this SuperNode has no {key!r} in its node config; start it with "
+                              f"--node-config '{PARTITION_ID}=K {NUM_PARTITIONS}=N' (got {dict(node_config)})")
+        value = node_config[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ConfigError(f"node config {key!r} must be a {kind.__name__}, got {value!r}")
+        return value
+
+    pid, num = need(PARTITION_ID, int), need(NUM_PARTITIONS, int)
+    if not 0 <= pid < num:
+        raise ConfigError(f"node config {PARTITION_ID}={pid} is not in 0..{num - 1} ({NUM_PARTITIONS}={num})")
+    edge, root = node_config.get(EDGE_ID, ""), node_config.get(DATA_ROOT, "")
+    if not isinstance(edge, str) or not isinstance(root, str):
+        raise ConfigError(f"node config {EDGE_ID!r} and {DATA_ROOT!r} must be quoted strings, e.g. {EDGE_ID}=\"e1\"")
+    return NodeIdentity(pid, num, edge, root)
+
+
+def encode_record(state) -> bytes:
+    """A :class:`~feddiff.client.runtime.ClientState` as one feddiff frame (what ``Context.state`` holds)."""
+    from feddiff.compress import wire
+
+    tensors, meta = state.to_flat()
+    return wire.encode(wire.Message(tensors, meta))
+
+
+def decode_record(blob: bytes | None):
+    """Read back :func:`encode_record`'s bytes (None: a node that has not trained yet)."""
+    from feddiff.client.runtime import ClientState
+    from feddiff.compress import wire
+
+    if not blob:
+        return ClientState()
+    msg = wire.decode(bytes(blob))
+    return ClientState.from_flat(msg.tensors, msg.meta)
+
+
+def partition_key(cfg: Config, pid: int) -> str:
+    """What defines a client's data: dataset, size, subset, partition and the seeds they derive from."""
+    what = {"data": cfg.data.model_dump(mode="json"), "partition": cfg.partition.model_dump(mode="json"),
+            "seed": cfg.run.seed, "client": pid}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cache_dir() -> Path:
+    """Where a node keeps its partition between messages (``FEDDIFF_CACHE``, else ~/.cache/feddiff)."""
+    return Path(os.environ.get("FEDDIFF_CACHE") or Path.home() / ".cache" / "feddiff") / "flower-partitions"
+
+
+def load_partition(cfg: Config, pid: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(uint8 images, labels, number of classes) of client ``pid``: from the node's cache, else read and cut.
+
+    The cut is the simulator's (``partition_train`` of the whole train split), so a Flower client trains on
+    exactly the images the simulator's client ``pid`` does.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from feddiff.engines.experiment import load_split, partition_train
+
+    path = cache_dir() / f"{partition_key(cfg, pid)}.safetensors"
+    if path.exists():
+        try:
+            got = load_file(str(path))
+            return got["images"], got["labels"], int(got["num_classes"])
+        except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt, never trusted
+            path.unlink(missing_ok=True)
+    train = load_split(cfg, "train")
+    _, parts = partition_train(cfg, train.labels.numpy())
+    if len(parts) != cfg.partition.num_clients or not 0 <= pid < len(parts):
+        raise ConfigError(f"partition {pid} does not exist: the config cuts {len(parts)} partitions")
+    idx = torch.from_numpy(parts[pid])
+    images, labels = train.images[idx].contiguous(), train.labels[idx].contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({"images": images, "labels": labels, "num_classes": torch.tensor(train.num_classes)}, str(tmp))
+    os.replace(tmp, path)
+    return images, labels, train.num_classes
+
+
+class NodeSession:
+    """One message on one node: the client half of the run built from the config, for partition ``pid``."""
+
+    def __init__(self, cfg: Config, identity: NodeIdentity):
+        from feddiff.algorithms import client_hook
+        from feddiff.client.node import ClientData, ClientNode
+        from feddiff.client.runtime import ClientRuntime
+        from feddiff.compress.link import ClientLink
+        from feddiff.engines.experiment import ModelCache, link_specs, model_spec, pick_device, train_spec
+        from feddiff.model.diffusion import make_scheduler
+        from feddiff.seeding import derive_seed
+
+        if identity.num_partitions != cfg.partition.num_clients:
+            raise ConfigError(f"this node says {NUM_PARTITIONS}={identity.num_partitions} but the run has "
+                              f"partition.num_clients={cfg.partition.num_clients}")
+        if identity.data_root:  # the node's own copy of the data
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": identity.data_root})})
+        self.cfg, self.identity = cfg, identity
+        device = pick_device(cfg.run.device)
+        images, labels, num_classes = load_partition(cfg, identity.partition_id)
+        self.data = ClientData(images.to(device), labels, num_classes)
+        d, t = cfg.diffusion, cfg.train
+        spec = model_spec(cfg, int(images.shape[1]))
+        runtime = ClientRuntime(ModelCache(device, derive_seed(cfg.run.seed, "model-init")), spec,
+                                make_scheduler(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end),
+                                train_spec(cfg), cfg.run.seed, client_hook(cfg), t.keep_optimizer_state,
+                                t.lr_schedule_rounds or cfg.run.num_rounds, t.lr_schedule, t.min_lr_ratio)
+        self.node = ClientNode(runtime, ClientLink(link_specs(cfg), cfg.run.seed))
+
+    def handle(self, blob: bytes, record: bytes | None) -> tuple[bytes, bytes]:
+        """Answer one feddiff message; returns (reply bytes, the record's new bytes)."""
+        state = decode_record(record)
+        reply = self.node.handle(self.identity.partition_id, bytes(blob), state, self.data)
+        return reply, encode_record(state)
+
+
+def personal_of(record: bytes | None) -> tuple[dict | None, StateDict] | None:
+    """(spec, personal model) kept in a record, for evaluating personal models; None when there is none."""
+    state = decode_record(record)
+    return None if state.personal is None else (state.spec, state.personal)
