@@ -28,8 +28,9 @@ from tests.engines.test_simulator import final_weights  # noqa: E402
 class FakeGrid:
     """A Grid whose nodes answer in this process through the ClientApp's own functions."""
 
-    def __init__(self, node_configs: dict[int, dict], app_file, fail=lambda node, content: False):
-        self.configs, self.app_file, self.fail = node_configs, app_file, fail
+    def __init__(self, node_configs: dict[int, dict], app_file, fail=lambda node, content: False,
+                 tamper=lambda node, content, blob: blob):
+        self.configs, self.app_file, self.fail, self.tamper = node_configs, app_file, fail, tamper
         self.states = {n: RecordDict() for n in node_configs}
         self.replies: dict[str, SimpleNamespace] = {}
         self.bytes_pushed = 0
@@ -49,6 +50,7 @@ class FakeGrid:
             else:
                 self.bytes_pushed += len(m.content["feddiff"]["blob"])
                 content = apps.client_answer(m.content, self.configs[node], self.states[node], self.app_file)
+                content["feddiff"]["blob"] = self.tamper(node, m.content, content["feddiff"]["blob"])
             self.replies[mid] = SimpleNamespace(
                 content=content, error=error, has_error=lambda e=error: e is not None,
                 metadata=SimpleNamespace(reply_to_message_id=mid, src_node_id=node))
@@ -108,6 +110,32 @@ def test_a_node_that_fails_is_that_clients_failure(make_config, tmp_path, task_i
     assert [c["id"] for c in m[1]["clients"]] == [0, 1]
 
 
+def test_malformed_and_oversized_replies_are_rejected_before_decoding(make_config, tmp_path, task_identity,
+                                                                     monkeypatch):
+    monkeypatch.setenv("FEDDIFF_CACHE", str(tmp_path / "node-cache"))
+    cfg = make_config(run={"num_rounds": 2}, eval={"grid_size": 0, "loss_num_samples": 0})
+    app = write_app(tmp_path / "app", cfg, tmp_path / "flower-run") / "feddiff_flower_app" / "feddiff_run.json"
+
+    def tamper(node, content, blob):
+        if content["feddiff"]["round"] != 0:
+            return blob
+        if node == 999:  # one flipped byte in the payload
+            return blob[:-9] + bytes([blob[-9] ^ 1]) + blob[-8:]
+        return blob + bytes(3 << 20)  # 3 MiB of padding on a 0.66 MB model
+
+    decoded = []
+    import feddiff.compress.wire as wire
+
+    real = wire.unpack_frame
+    monkeypatch.setattr(wire, "unpack_frame", lambda b: (decoded.append(len(b)), real(b))[1])
+    grid = FakeGrid(nodes(2), app, tamper=tamper)
+    m = RunDir.open(apps.server_main(grid, app)).read_metrics()
+    reasons = {r["id"]: r["reason"] for r in m[0]["rejected"]}
+    assert "checksum mismatch" in reasons[1]
+    assert reasons[0].startswith("rejected: a reply of ") and "exceeds this task's limit" in reasons[0]
+    assert "skipped" in m[0] and not any(n > 3 << 20 for n in decoded)  # the oversized one was never parsed
+
+
 def test_node_identities_and_edges_are_checked(make_config, tmp_path, task_identity):
     with pytest.raises(ConfigError, match="no 'partition-id'.*--node-config"):
         node_identity({"num-partitions": 2})
@@ -138,18 +166,86 @@ def test_a_record_round_trips_through_context_state():
     assert torch.equal(back.tensors["ef/w"], st.tensors["ef/w"]) and decode_record(None).optimizer is None
 
 
-def test_a_real_local_deployment_trains_like_the_simulator(make_config, tmp_path):
-    """SuperLink + 2 SuperNodes as real processes on loopback, `flwr run`: the simulator's weights and bytes."""
-    from feddiff.engines.flower.local import run_local
+def deployment_config(make_config):
+    return make_config(run={"num_rounds": 2}, partition={"num_clients": 3}, eval={"grid_size": 0, "loss_num_samples": 0})
 
-    cfg = make_config(run={"num_rounds": 2}, eval={"grid_size": 0, "loss_num_samples": 0},
-                      algorithm={"name": "scaffold"}, train={"optimizer": "sgd", "lr": 0.05})
+
+def same_as_simulator(cfg, flower: RunDir) -> None:
     sim = run(cfg)
-    flower = RunDir.open(run_local(cfg, tmp_path / "deployment", timeout_s=600))
     a, b = final_weights(sim), final_weights(flower)
     # other processes: torch's thread count may differ, so equal to float tolerance (DESIGN's bar)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
-    ms, mf = sim.read_metrics(), flower.read_metrics()
-    assert [r["bytes"] for r in ms] == [r["bytes"] for r in mf]
-    assert (tmp_path / "deployment" / "logs" / "supernode-1.log").exists()
-    assert not (tmp_path / "deployment" / "flwr" / "cli" / ".flwr").exists()
+    assert [r["bytes"] for r in sim.read_metrics()] == [r["bytes"] for r in flower.read_metrics()]
+
+
+def all_stopped(pids: list[int]) -> bool:
+    import os
+
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        return False
+    return True
+
+
+@pytest.mark.deployment
+def test_a_real_local_deployment_trains_like_the_simulator(make_config, tmp_path):
+    """SuperLink + 3 SuperNodes as real processes on loopback, `flwr run`: the simulator's weights and bytes."""
+    from feddiff.engines.flower.local import run_local
+
+    cfg = deployment_config(make_config)
+    same_as_simulator(cfg, RunDir.open(run_local(cfg, tmp_path / "deployment", timeout_s=600)))
+    assert (tmp_path / "deployment" / "logs" / "supernode-2.log").exists()
+
+
+@pytest.mark.deployment
+def test_tls_with_node_authentication_refuses_an_unregistered_node(make_config, tmp_path):
+    from feddiff.engines.flower.local import LocalDeployment, node_config, write_app
+
+    cfg = deployment_config(make_config)
+    folder = tmp_path / "deployment"
+    app = write_app(folder / "app", cfg, folder / "run")
+    with LocalDeployment(folder, [node_config(k, 3) for k in range(3)], tls=True, auth=True) as dep:
+        rogue_key = dep.node_key("rogue", register=False)  # a key the SuperLink was never told about
+        rogue = dep.start_node("rogue", node_config(0, 3), key=rogue_key)
+        assert rogue.wait(120) != 0  # refused: it exits instead of joining
+        assert "Failed to activate SuperNode" in (folder / "logs" / "supernode-rogue.log").read_text()
+        dep.run(app, timeout_s=600)
+        pids = dep.pids
+    assert all_stopped(pids)
+    same_as_simulator(cfg, RunDir.open(folder / "run"))
+
+
+@pytest.mark.deployment
+def test_every_process_is_stopped_when_the_run_fails(make_config, tmp_path):
+    from feddiff.engines.flower.local import LocalDeployment, node_config, write_app
+    from feddiff.runs import RunError
+
+    cfg = deployment_config(make_config)
+    folder = tmp_path / "deployment"
+    # node 2 says it holds partition 1 too: the ServerApp stops before round 1
+    confs = [node_config(0, 3), node_config(1, 3), node_config(1, 3)]
+    app = write_app(folder / "app", cfg, folder / "run")
+    pids = []
+    with pytest.raises(RunError):
+        with LocalDeployment(folder, confs) as dep:
+            pids = dep.pids
+            dep.run(app, timeout_s=300)
+            raise RunError("the run should have failed")  # whichever way: the with block must clean up
+    assert pids and all_stopped(pids)
+    assert "both hold partition-id=1" in (folder / "logs" / "flwr-run.log").read_text()
+
+
+def test_a_superlink_off_loopback_needs_tls():
+    from feddiff.engines.flower.local import check_transport
+    from feddiff.runs import RunError
+
+    check_transport("127.0.0.1", tls=False, auth=False, allow_insecure=False)
+    check_transport("10.0.0.5", tls=True, auth=True, allow_insecure=False)
+    check_transport("10.0.0.5", tls=False, auth=False, allow_insecure=True)
+    with pytest.raises(RunError, match="without TLS would carry models in clear text"):
+        check_transport("0.0.0.0", tls=False, auth=False, allow_insecure=False)
+    with pytest.raises(RunError, match="authentication needs TLS"):
+        check_transport("127.0.0.1", tls=False, auth=True, allow_insecure=True)

@@ -189,6 +189,10 @@ class Server:
     def _receive(self, task: Task, inc: Incoming, delivered: StateDict, expected: StateDict) -> Reply | Failure:
         if inc.error is not None or inc.blob is None:
             return Failure(task.client, inc.error or "no reply")
+        limit = reply_limit(expected, self.strategy.expected_extras(task))
+        if len(inc.blob) > limit:  # refused before a byte of it is parsed
+            return Failure(task.client, f"rejected: a reply of {len(inc.blob)} bytes exceeds this task's limit of "
+                                        f"{limit} (twice its tensors at fp32, plus 1 MiB)")
         try:
             msg = self.link.receive(inc.blob, delivered)
             tensors, extras = unpack(msg.tensors)
@@ -453,6 +457,16 @@ class Server:
         self.sent_spec = dict(state.get("sent_spec", {}))
         self.info_received = bool(state.get("info_received", False))
         return rnd
+
+
+def reply_limit(expected: StateDict, extras: StateDict | None) -> int:
+    """The most bytes a valid reply can take: twice the fp32 size of what it carries, plus 1 MiB of header.
+
+    Without declared extras, room for as much again as the model (SCAFFOLD's controls double a reply).
+    """
+    model = sum(4 * v.numel() for v in expected.values())
+    extra = model if extras is None else sum(4 * v.numel() for v in extras.values())
+    return 2 * (model + extra) + (1 << 20)
 
 
 def load_checkpoint(run_dir: RunDir, rnd: int | None, set_aside: bool) -> tuple[int, StateDict, dict[str, Any]]:

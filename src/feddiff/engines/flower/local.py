@@ -99,37 +99,111 @@ def node_config(pid: int, num: int, edge: str = "") -> str:
     return text + (f' edge-id="{edge}"' if edge else "")
 
 
-class LocalDeployment:
-    """SuperLink + SuperNodes on loopback in ``folder``; a context manager that stops them all on exit."""
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
-    def __init__(self, folder: Path, node_configs: list[str]):
+
+def check_transport(host: str, tls: bool, auth: bool, allow_insecure: bool) -> None:
+    """A SuperLink reachable from other machines must use TLS, unless the caller says it may not."""
+    if auth and not tls:
+        raise RunError("SuperNode authentication needs TLS (Flower refuses --enable-supernode-auth without it)")
+    if host not in LOOPBACK and not tls and not allow_insecure:
+        raise RunError(f"a SuperLink on {host!r} without TLS would carry models in clear text to other machines; "
+                       "give it TLS certificates, or allow_insecure=True to accept that")
+
+
+class LocalDeployment:
+    """SuperLink + SuperNodes on this machine in ``folder``; a context manager that stops them all on exit.
+
+    Parameters
+    ----------
+    node_configs
+        One ``--node-config`` string per SuperNode.
+    tls
+        Serve the SuperLink over TLS with certificates made for this machine (``certs.make_certificates``).
+    auth
+        SuperNode authentication: one key pair per node, registered with the SuperLink before it starts.
+    host, allow_insecure
+        Where the SuperLink listens; anything but loopback needs TLS unless ``allow_insecure``.
+    """
+
+    def __init__(self, folder: Path, node_configs: list[str], tls: bool = False, auth: bool = False,
+                 host: str = "127.0.0.1", allow_insecure: bool = False):
+        check_transport(host, tls, auth, allow_insecure)
         self.folder = Path(folder)
         self.node_configs = node_configs
+        self.tls, self.auth, self.host = tls, auth, host
         self.port = free_port()
         self.procs: list[subprocess.Popen] = []
+        self.certs: dict[str, Path] = {}
 
     def _start(self, name: str, argv: list[str]) -> subprocess.Popen:
         home = self.folder / "flwr" / name
         home.mkdir(parents=True, exist_ok=True)
-        log = open(self.folder / "logs" / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv, env=flower_env(home), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=home)
+        with open(self.folder / "logs" / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(argv, env=flower_env(home), stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, cwd=home)
         self.procs.append(proc)
         return proc
 
+    def _cli(self, *args: str) -> subprocess.CompletedProcess:
+        home = self.folder / "flwr" / "cli"
+        return subprocess.run([executable("flwr"), *args], env=flower_env(home), cwd=home, capture_output=True,
+                              text=True, timeout=120)
+
     def __enter__(self) -> LocalDeployment:
+        try:
+            return self._enter()
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _enter(self) -> LocalDeployment:
         (self.folder / "logs").mkdir(parents=True, exist_ok=True)
-        self._start("superlink", [executable("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-                                  "--host", "127.0.0.1", "--port", str(self.port)])
+        link = [executable("flower-superlink"), "--disable-runtime-dependency-installation",
+                "--host", self.host, "--port", str(self.port)]
+        if self.tls:
+            from feddiff.engines.flower.certs import make_certificates
+
+            self.certs = make_certificates(self.folder / "certs")
+            link += ["--ssl-ca-certfile", str(self.certs["ca"]), "--ssl-certfile", str(self.certs["cert"]),
+                     "--ssl-keyfile", str(self.certs["key"])]
+            if self.auth:
+                link.append("--enable-supernode-auth")
+        else:
+            link.append("--insecure")
+        self._start("superlink", link)
         self.wait_listening(self.port, 60)
-        for k, conf in enumerate(self.node_configs):
-            self._start(f"supernode-{k}", [executable("flower-supernode"), "--insecure", "--superlink",
-                                           f"127.0.0.1:{self.port}", "--port", str(free_port()), "--node-config", conf])
         cli = self.folder / "flwr" / "cli"
         cli.mkdir(parents=True, exist_ok=True)
+        security = f'root-certificates = "{self.certs["ca"]}"' if self.tls else "insecure = true"
         (cli / "config.toml").write_text(f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
-                                         f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+                                         f'address = "127.0.0.1:{self.port}"\n{security}\n')
+        for k, conf in enumerate(self.node_configs):
+            self.start_node(k, conf)
         return self
+
+    def node_key(self, k: int | str, register: bool = True) -> Path:
+        """Node ``k``'s private key (made now), registered with the SuperLink unless ``register`` is False."""
+        from feddiff.engines.flower.certs import make_node_key
+
+        private, public = make_node_key(self.folder / "keys" / f"supernode-{k}")
+        if register:
+            done = self._cli("supernode", "register", str(public), FEDERATION)
+            if done.returncode != 0:
+                raise RunError(f"registering {public} failed: {(done.stdout + done.stderr).strip()[-500:]}")
+        return private
+
+    def start_node(self, k: int | str, conf: str, key: Path | None = None) -> subprocess.Popen:
+        """Start SuperNode ``k`` with ``--node-config conf`` (with auth: a registered key, or ``key``)."""
+        argv = [executable("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
+                "--node-config", conf]
+        if self.tls:
+            argv += ["--root-certificates", str(self.certs["ca"])]
+            if self.auth:
+                argv += ["--auth-supernode-private-key", str(key or self.node_key(k))]
+        else:
+            argv.append("--insecure")
+        return self._start(f"supernode-{k}", argv)
 
     def wait_listening(self, port: int, timeout_s: float) -> None:
         end = time.monotonic() + timeout_s
@@ -150,11 +224,13 @@ class LocalDeployment:
                                   stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=home)
         if done.returncode != 0:
             raise RunError(f"flwr run failed ({done.returncode}); see {self.folder}/logs/flwr-run.log")
-        for p in self.procs[1:]:
-            if p.poll() is not None:
-                raise RunError(f"a SuperNode exited during the run ({p.returncode}); see {self.folder}/logs")
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
 
     def __exit__(self, *exc) -> None:
+        """Stop every process this deployment started (each in its own process group), by PID."""
         for p in reversed(self.procs):
             if p.poll() is None:
                 try:
@@ -165,12 +241,15 @@ class LocalDeployment:
             try:
                 p.wait(10)
             except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
                 p.wait()
 
 
 def run_local(cfg: Config, folder: str | Path, num_nodes: int | None = None, edges: list[str] | None = None,
-              timeout_s: float | None = None, poll_s: float = 0.05) -> Path:
+              timeout_s: float | None = None, poll_s: float = 0.05, tls: bool = False, auth: bool = False) -> Path:
     """Train ``cfg`` on a local Flower deployment in ``folder``; returns the run folder (``folder/run``).
 
     Parameters
@@ -189,11 +268,11 @@ def run_local(cfg: Config, folder: str | Path, num_nodes: int | None = None, edg
     folder.mkdir(parents=True, exist_ok=True)
     run_path = folder / "run"
     app = write_app(folder / "app", cfg, run_path, poll_s=poll_s)
-    with LocalDeployment(folder, [node_config(k, n, edges[k] if edges else "") for k in range(n)]) as dep:
+    with LocalDeployment(folder, [node_config(k, n, edges[k] if edges else "") for k in range(n)], tls, auth) as dep:
         dep.run(app, timeout_s)
     if not (run_path / "metrics.jsonl").exists():
         raise RunError(f"the Flower run left no metrics in {run_path}; see {folder}/logs")
     return run_path
 
 
-__all__ = ["LocalDeployment", "node_config", "run_local", "write_app"]
+__all__ = ["LocalDeployment", "check_transport", "node_config", "run_local", "write_app"]
