@@ -20,11 +20,10 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+# light imports only: a ClientApp process imports this module for every message, and a hello needs no torch
 from feddiff.config import Config, ConfigError, config_from_dict
-from feddiff.engines.flower.grid import SECTION, FlowerEngine, discover
 from feddiff.engines.flower.node import EDGE_ID, NUM_PARTITIONS, PARTITION_ID, NodeSession, node_identity
-
-STATE = "feddiff-record"  # the Context.state entry that holds the client's record
+from feddiff.engines.flower.protocol import SECTION, STATE
 
 
 def read_app_file(path: str | Path) -> tuple[Config, dict[str, Any]]:
@@ -68,6 +67,7 @@ def with_node_edges(cfg: Config, found: dict[int, dict[str, Any]]) -> Config:
 def server_main(grid: Grid, app_file: Path) -> str:
     """Run the rounds on the nodes behind ``grid``; returns the run folder."""
     from feddiff.engines.experiment import build_experiment
+    from feddiff.engines.flower.grid import FlowerEngine, discover
     from feddiff.engines.simulator import Simulator
     from feddiff.runs import RunDir
 

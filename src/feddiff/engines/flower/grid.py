@@ -22,8 +22,7 @@ from feddiff.engines.loop import Incoming, Outgoing, RoundEvents
 from feddiff.runs import RunError
 from feddiff.types import StateDict
 
-TRAIN, QUERY, HELLO = "train.feddiff", "query.feddiff", "query.hello"
-SECTION = "feddiff"  # the RecordDict entry that carries our frame
+from feddiff.engines.flower.protocol import HELLO, QUERY, SECTION, TRAIN  # noqa: E402
 
 
 def exchange(grid: Grid, messages: list[Message], poll_s: float, timeout_s: float | None,

@@ -136,11 +136,14 @@ class LocalDeployment:
         self.procs: list[subprocess.Popen] = []
         self.certs: dict[str, Path] = {}
 
-    def _start(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def _start(self, name: str, argv: list[str], threads: int | None = None) -> subprocess.Popen:
         home = self.folder / "flwr" / name
         home.mkdir(parents=True, exist_ok=True)
+        env = flower_env(home)
+        if threads:  # nodes sharing this machine: torch threads spinning on each other's cores slow all down
+            env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
         with open(self.folder / "logs" / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(argv, env=flower_env(home), stdout=log, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True, cwd=home)
         self.procs.append(proc)
         return proc
@@ -203,7 +206,7 @@ class LocalDeployment:
                 argv += ["--auth-supernode-private-key", str(key or self.node_key(k))]
         else:
             argv.append("--insecure")
-        return self._start(f"supernode-{k}", argv)
+        return self._start(f"supernode-{k}", argv, threads=max(1, (os.cpu_count() or 1) // len(self.node_configs)))
 
     def wait_listening(self, port: int, timeout_s: float) -> None:
         end = time.monotonic() + timeout_s

@@ -16,10 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from typing import TYPE_CHECKING
 
 from feddiff.config import Config, ConfigError
-from feddiff.types import StateDict
+
+if TYPE_CHECKING:  # torch is imported where a message needs it (a hello does not)
+    import torch
+
+    from feddiff.types import StateDict
 
 # node config keys (flower-supernode --node-config 'partition-id=0 num-partitions=4 edge-id="e1"')
 PARTITION_ID, NUM_PARTITIONS, EDGE_ID, DATA_ROOT = "partition-id", "num-partitions", "edge-id", "data-root"
@@ -92,6 +96,7 @@ def load_partition(cfg: Config, pid: int) -> tuple[torch.Tensor, torch.Tensor, i
     The cut is the simulator's (``partition_train`` of the whole train split), so a Flower client trains on
     exactly the images the simulator's client ``pid`` does.
     """
+    import torch
     from safetensors.torch import load_file, save_file
 
     from feddiff.engines.experiment import load_split, partition_train
@@ -120,6 +125,8 @@ class NodeSession:
     """One message on one node: the client half of the run built from the config, for partition ``pid``."""
 
     def __init__(self, cfg: Config, identity: NodeIdentity):
+        import torch
+
         from feddiff.algorithms import client_hook
         from feddiff.client.node import ClientData, ClientNode
         from feddiff.client.runtime import ClientRuntime
@@ -134,6 +141,8 @@ class NodeSession:
         if identity.data_root:  # the node's own copy of the data
             cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": identity.data_root})})
         self.cfg, self.identity = cfg, identity
+        if cfg.run.num_threads:
+            torch.set_num_threads(cfg.run.num_threads)
         device = pick_device(cfg.run.device)
         images, labels, num_classes = load_partition(cfg, identity.partition_id)
         self.data = ClientData(images.to(device), labels, num_classes)
@@ -152,7 +161,7 @@ class NodeSession:
         return reply, encode_record(state)
 
 
-def personal_of(record: bytes | None) -> tuple[dict | None, StateDict] | None:
+def personal_of(record: bytes | None) -> tuple[dict | None, "StateDict"] | None:
     """(spec, personal model) kept in a record, for evaluating personal models; None when there is none."""
     state = decode_record(record)
     return None if state.personal is None else (state.spec, state.personal)

@@ -1,0 +1,5 @@
+"""Names both sides of the Flower engine agree on (no heavy imports: the ClientApp loads this first)."""
+
+TRAIN, QUERY, HELLO = "train.feddiff", "query.feddiff", "query.hello"  # Flower message types
+SECTION = "feddiff"  # the RecordDict entry that carries our frame
+STATE = "feddiff-record"  # the Context.state entry that holds the client's record
