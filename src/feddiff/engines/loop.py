@@ -377,10 +377,14 @@ class Server:
             return {"global": self.strategy.global_state()}
         current = self.strategy.spec or self.exp.spec
         out = {}
-        for k, (spec, personal) in sorted(engine.personal_models().items()):
-            held = ModelSpec.from_json(spec) if spec is not None else self.exp.spec
+        held = engine.personal_models()
+        if not held:
+            warnings.warn("no personal model to evaluate or export: no client has trained yet, or the engine "
+                          "keeps them on the nodes (Flower)", stacklevel=2)
+        for k, (spec, personal) in sorted(held.items()):
+            holds = ModelSpec.from_json(spec) if spec is not None else self.exp.spec
             # a client not reached since the model was pruned: its model as it will be when next reached
-            out[client_node(k)] = self.strategy.personal_model(to_spec(personal, held, current))
+            out[client_node(k)] = self.strategy.personal_model(to_spec(personal, holds, current))
         return out
 
     def working_model(self):
