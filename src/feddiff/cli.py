@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "DIR/run); default: a new folder under run.out_dir")
     p.add_argument("--edges", metavar="E0,E1,...", help="hierarchies: the edge-id each node declares, one per client")
     p.add_argument("--timeout", type=_int_at_least(1), default=None, metavar="S", help="give up after S seconds")
+    p.add_argument("--round-timeout", type=_int_at_least(1), default=None, metavar="S",
+                   help="a client that has not answered a round's message after S seconds is that round's failure "
+                        "(its message expires then); default: wait")
     _add_set(p)
 
     p = sub.add_parser("config", help="print every config key with its default and description, or a resolved config")

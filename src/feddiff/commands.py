@@ -248,7 +248,7 @@ def cmd_flower(args: argparse.Namespace) -> int:
     console = _console()
     console.print(f"Flower deployment in {folder}: 1 SuperLink + {cfg.partition.num_clients} SuperNodes on loopback "
                   f"(logs in {folder}/logs)")
-    run_path = run_local(cfg, folder, edges=edges, timeout_s=args.timeout)
+    run_path = run_local(cfg, folder, edges=edges, timeout_s=args.timeout, round_timeout_s=args.round_timeout)
     console.print(f"run folder: {run_path}")
     return 0
 

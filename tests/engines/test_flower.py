@@ -45,6 +45,9 @@ class FakeGrid:
             error = None
             if m.metadata.message_type == HELLO:
                 content = apps.hello_answer(self.configs[node])
+            elif self.fail(node, m.content) == "gone":  # an error the SuperLink makes: from its own node id
+                content, error = None, SimpleNamespace(code=5, reason="node unavailable")
+                node = 1
             elif self.fail(node, m.content):
                 content, error = None, SimpleNamespace(code=2, reason="<class 'RuntimeError'>:<'offline'>")
             else:
@@ -75,6 +78,7 @@ def nodes(k: int, **extra) -> dict[int, dict]:
 
 
 @pytest.mark.filterwarnings("ignore:pathological")
+@pytest.mark.filterwarnings("ignore:no personal model")
 @pytest.mark.parametrize("sections", [
     {},
     {"algorithm": {"name": "scaffold"}, "train": {"optimizer": "sgd", "lr": 0.05},
@@ -108,10 +112,20 @@ def test_a_node_that_fails_is_that_clients_failure(make_config, tmp_path, task_i
     monkeypatch.setenv("FEDDIFF_CACHE", str(tmp_path / "node-cache"))
     cfg = make_config(run={"num_rounds": 2}, eval={"grid_size": 0, "loss_num_samples": 0})
     app = write_app(tmp_path / "app", cfg, tmp_path / "flower-run") / "feddiff_flower_app" / "feddiff_run.json"
-    grid = FakeGrid(nodes(2), app, fail=lambda node, content: node == 999 and content["feddiff"]["round"] == 0)
+    def fail(node, content):
+        return {(999, 0): True, (1000, 1): "gone"}.get((node, content["feddiff"]["round"]), False)
+
+    grid = FakeGrid(nodes(2), app, fail=fail)
     m = RunDir.open(apps.server_main(grid, app)).read_metrics()
     assert m[0]["rejected"] == [{"id": 1, "reason": "Flower error 2: <class 'RuntimeError'>:<'offline'>"}]
-    assert [c["id"] for c in m[1]["clients"]] == [0, 1]
+    # the SuperLink's own error reply (sender: the SuperLink) is still client 0's failure
+    assert m[1]["rejected"] == [{"id": 0, "reason": "Flower error 5: node unavailable"}]
+    assert [c["id"] for c in m[1]["clients"]] == [1]
+    from feddiff.engines.runner import resume
+    from feddiff.runs import RunError
+
+    with pytest.raises(RunError, match="was trained on FlowerEngine"):
+        resume(tmp_path / "flower-run")
 
 
 def test_malformed_and_oversized_replies_are_rejected_before_decoding(make_config, tmp_path, task_identity,

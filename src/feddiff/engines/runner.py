@@ -56,6 +56,11 @@ RESUMABLE_OVERRIDES = ("run.num_rounds", "run.progress", "run.checkpoint_every",
 def resume(path: str | Path, overrides: list[str] = ()) -> RunDir:
     """Continue a run from its last checkpoint (optionally with more rounds: run.num_rounds=N)."""
     run_dir = RunDir.open(path)
+    manifest = run_dir.path / "manifest.json"
+    engine = json.loads(manifest.read_text()).get("engine", "simulator") if manifest.exists() else "simulator"
+    if engine != "simulator":  # its clients' records are on the nodes: the simulator would start them empty
+        raise RunError(f"{run_dir.path} was trained on {engine}; `feddiff run --resume` continues simulator runs "
+                       "only (its clients' records are on the nodes)")
     cfg = load_resolved(run_dir.config_path)
     notes: list[str] = []
     if overrides:

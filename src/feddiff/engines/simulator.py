@@ -186,6 +186,7 @@ class Simulator:
             "seed": self.cfg.run.seed, "partition_hash": partition_hash(exp.parts),
             "model": model_cost(exp.model, exp.train.channels, self.cfg.data.image_size),
             "model_spec": exp.spec.to_json(),
+            "engine": "simulator" if isinstance(self.engine, SimulatorEngine) else type(self.engine).__name__,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 

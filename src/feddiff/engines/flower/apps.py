@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 # light imports only: a ClientApp process imports this module for every message, and a hello needs no torch
 from feddiff.config import Config, ConfigError, config_from_dict
 from feddiff.engines.flower.node import EDGE_ID, NUM_PARTITIONS, PARTITION_ID, NodeSession, node_identity
-from feddiff.engines.flower.protocol import SECTION, STATE
+from feddiff.engines.flower.protocol import DONE_FILE, SECTION, STATE
 
 
 def read_app_file(path: str | Path) -> tuple[Config, dict[str, Any]]:
@@ -79,10 +79,12 @@ def server_main(grid: Grid, app_file: Path) -> str:
     run_path = extra.get("run_path")
     run_dir = RunDir.create_at(run_path) if run_path else RunDir.create(cfg.run.out_dir, cfg.run.name or "run")
     engine = FlowerEngine(grid, {pid: f["node"] for pid, f in found.items()}, poll_s=float(extra.get("poll_s", 0.05)),
-                          timeout_s=extra.get("timeout_s"))
+                          timeout_s=extra.get("round_timeout_s"))
     sim = Simulator(exp, run_dir, engine=engine)
     sim.initialize()
-    return str(sim.run().path)
+    sim.run()
+    run_dir.write_json(DONE_FILE, {"status": "completed", "rounds": cfg.run.num_rounds})  # what run_local checks
+    return str(run_dir.path)
 
 
 def make_server_app(app_file: str | Path) -> ServerApp:

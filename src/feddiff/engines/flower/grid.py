@@ -26,22 +26,26 @@ from feddiff.engines.flower.protocol import HELLO, QUERY, SECTION, TRAIN  # noqa
 
 
 def exchange(grid: Grid, messages: list[Message], poll_s: float, timeout_s: float | None,
-             on_reply=lambda message: None) -> tuple[list[Message], list[int]]:
+             on_reply=lambda index, message: None) -> tuple[list[Message], list[int]]:
     """Push ``messages`` and pull until every one has a reply or ``timeout_s`` passes.
 
+    Replies are matched to messages by the id they answer, never by their sender: errors the SuperLink
+    makes itself (a node gone, a message expired) come from the SuperLink's own node id.
     Returns (replies, indices of the messages that got none).
     """
     ids = list(grid.push_messages(messages))
-    pending = {mid: i for i, mid in enumerate(ids) if mid is not None}
-    lost = [i for i, mid in enumerate(ids) if mid is None]
+    # a message the SuperLink did not store comes back with an empty id ("" in 1.42, None in older code)
+    pending = {mid: i for i, mid in enumerate(ids) if mid}
+    lost = [i for i, mid in enumerate(ids) if not mid]
     replies: list[Message] = []
     end = None if timeout_s is None else time.monotonic() + timeout_s
     while pending and (end is None or time.monotonic() < end):
         got = list(grid.pull_messages(list(pending)))
         for reply in got:
-            if pending.pop(reply.metadata.reply_to_message_id, None) is not None:
+            i = pending.pop(reply.metadata.reply_to_message_id, None)
+            if i is not None:
                 replies.append(reply)
-                on_reply(reply)
+                on_reply(i, reply)
         if pending and not got:
             time.sleep(poll_s)
     return replies, lost + sorted(pending.values())
@@ -57,16 +61,19 @@ def discover(grid: Grid, num_clients: int, wait_s: float = 300.0, poll_s: float 
         time.sleep(poll_s)
     nodes = sorted(grid.get_node_ids())
     hello = [Message(RecordDict(), dst_node_id=n, message_type=HELLO) for n in nodes]
-    replies, missing = exchange(grid, hello, poll_s, wait_s)
+    answers: dict[int, Message] = {}
+    _, missing = exchange(grid, hello, poll_s, wait_s, lambda i, r: answers.__setitem__(nodes[i], r))
     if missing:
         raise RunError(f"SuperNodes {[nodes[i] for i in missing]} did not say which partition they hold")
     found: dict[int, dict[str, Any]] = {}
-    for r in replies:
-        node = r.metadata.src_node_id
+    for node, r in sorted(answers.items()):
         if r.has_error():
             raise RunError(f"SuperNode {node} could not say which partition it holds: {r.error.reason}")
-        c = r.content[SECTION]
-        pid, num = int(c[PARTITION_ID]), int(c[NUM_PARTITIONS])
+        try:
+            c = r.content[SECTION]
+            pid, num = int(c[PARTITION_ID]), int(c[NUM_PARTITIONS])
+        except (KeyError, TypeError, ValueError) as err:
+            raise RunError(f"SuperNode {node} answered the hello without a partition ({err})") from None
         if num != num_clients:
             raise RunError(f"SuperNode {node} has {NUM_PARTITIONS}={num}; the run has partition.num_clients="
                            f"{num_clients}")
@@ -99,19 +106,23 @@ class FlowerEngine:
 
     def send_and_receive(self, rnd: int, messages: list[Outgoing], events: RoundEvents) -> list[Incoming]:
         kind = QUERY if rnd == QUERY_ROUND else TRAIN
+        # with a round timeout the message also expires then, so a node does not run it late
+        ttl = {"ttl": float(self.timeout_s)} if self.timeout_s else {}
         out = [Message(RecordDict({SECTION: ConfigRecord({"blob": m.blob, "round": rnd, "client": m.client})}),
-                       dst_node_id=self.node_of[m.client], message_type=kind) for m in messages]
-        client_of_node = {self.node_of[m.client]: m.client for m in messages}
+                       dst_node_id=self.node_of[m.client], message_type=kind, **ttl) for m in messages]
         for i, m in enumerate(messages):
             events.start(m.client, i, len(messages))
         results: list[Incoming] = []
 
-        def arrived(reply: Message) -> None:
-            client = client_of_node[reply.metadata.src_node_id]
+        def arrived(i: int, reply: Message) -> None:
+            client = messages[i].client
             if reply.has_error():
                 inc = Incoming(client, error=f"Flower error {reply.error.code}: {reply.error.reason}")
             else:
-                inc = Incoming(client, blob=bytes(reply.content[SECTION]["blob"]))
+                try:
+                    inc = Incoming(client, blob=bytes(reply.content[SECTION]["blob"]))
+                except (KeyError, TypeError) as err:
+                    inc = Incoming(client, error=f"a reply without feddiff's frame ({err})")
             results.append(inc)
             events.done(inc)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from feddiff.config import Config
+from feddiff.engines.flower.protocol import DONE_FILE
 from feddiff.runs import RunError
 
 APP_PACKAGE = "feddiff_flower_app"
@@ -95,8 +96,19 @@ def write_app(folder: Path, cfg: Config, run_path: Path | None, **engine: Any) -
 
 def node_config(pid: int, num: int, edge: str = "") -> str:
     """``--node-config`` of a SuperNode holding partition ``pid`` (string values quoted: it is TOML)."""
+    if edge and not all(ch.isalnum() or ch in "-_." for ch in edge):
+        raise RunError(f"edge id {edge!r}: use letters, digits, '-', '_' and '.' only")
     text = f"partition-id={pid} num-partitions={num}"
     return text + (f' edge-id="{edge}"' if edge else "")
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The last lines of a log, indented, for an error message."""
+    try:
+        text = path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "".join(f"\n    {line}" for line in text)
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -109,6 +121,10 @@ def check_transport(host: str, tls: bool, auth: bool, allow_insecure: bool) -> N
     if host not in LOOPBACK and not tls and not allow_insecure:
         raise RunError(f"a SuperLink on {host!r} without TLS would carry models in clear text to other machines; "
                        "give it TLS certificates, or allow_insecure=True to accept that")
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 class LocalDeployment:
@@ -154,6 +170,13 @@ class LocalDeployment:
                               text=True, timeout=120)
 
     def __enter__(self) -> LocalDeployment:
+        # SIGTERM/SIGHUP (a scheduler, a closed terminal) end the with block too, so every process is stopped
+        self._handlers = {}
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            try:
+                self._handlers[sig] = signal.signal(sig, _raise_interrupt)
+            except ValueError:  # not the main thread: the caller owns the signals
+                pass
         try:
             return self._enter()
         except BaseException:
@@ -222,11 +245,17 @@ class LocalDeployment:
     def run(self, app: Path, timeout_s: float | None = None) -> None:
         """``flwr run`` the app and wait until it ends; its output goes to logs/flwr-run.log."""
         home = self.folder / "flwr" / "cli"
-        with open(self.folder / "logs" / "flwr-run.log", "ab") as log:
-            done = subprocess.run([executable("flwr"), "run", str(app), FEDERATION, "--stream"], env=flower_env(home),
-                                  stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=home)
-        if done.returncode != 0:
-            raise RunError(f"flwr run failed ({done.returncode}); see {self.folder}/logs/flwr-run.log")
+        path = self.folder / "logs" / "flwr-run.log"
+        try:
+            with open(path, "ab") as log:
+                done = subprocess.run([executable("flwr"), "run", str(app), FEDERATION, "--stream"],
+                                      env=flower_env(home), stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s,
+                                      cwd=home)
+        except subprocess.TimeoutExpired:
+            raise RunError(f"the Flower run did not end within {timeout_s:.0f} s; stopped. {path}:"
+                           f"{log_tail(path)}") from None
+        if done.returncode != 0:  # flwr run --stream exits 0 whatever the run's fate: the caller checks it too
+            raise RunError(f"flwr run failed ({done.returncode}); {path}:{log_tail(path)}")
 
     @property
     def pids(self) -> list[int]:
@@ -234,6 +263,9 @@ class LocalDeployment:
 
     def __exit__(self, *exc) -> None:
         """Stop every process this deployment started (each in its own process group), by PID."""
+        for sig, handler in getattr(self, "_handlers", {}).items():
+            signal.signal(sig, handler)
+        self._handlers = {}
         for p in reversed(self.procs):
             if p.poll() is None:
                 try:
@@ -252,7 +284,8 @@ class LocalDeployment:
 
 
 def run_local(cfg: Config, folder: str | Path, num_nodes: int | None = None, edges: list[str] | None = None,
-              timeout_s: float | None = None, poll_s: float = 0.05, tls: bool = False, auth: bool = False) -> Path:
+              timeout_s: float | None = None, poll_s: float = 0.05, tls: bool = False, auth: bool = False,
+              round_timeout_s: float | None = None) -> Path:
     """Train ``cfg`` on a local Flower deployment in ``folder``; returns the run folder (``folder/run``).
 
     Parameters
@@ -268,13 +301,20 @@ def run_local(cfg: Config, folder: str | Path, num_nodes: int | None = None, edg
         raise RunError(f"{n} nodes for partition.num_clients = {cfg.partition.num_clients}: one node per partition")
     if edges is not None and len(edges) != n:
         raise RunError(f"{len(edges)} edge ids for {n} nodes")
-    folder.mkdir(parents=True, exist_ok=True)
+    from feddiff.engines.flower.apps import check_flower_config
+
+    check_flower_config(cfg)  # before any process starts
     run_path = folder / "run"
-    app = write_app(folder / "app", cfg, run_path, poll_s=poll_s)
-    with LocalDeployment(folder, [node_config(k, n, edges[k] if edges else "") for k in range(n)], tls, auth) as dep:
+    if run_path.exists():
+        raise RunError(f"{run_path} already holds a run; give another deployment folder")
+    confs = [node_config(k, n, edges[k] if edges else "") for k in range(n)]
+    folder.mkdir(parents=True, exist_ok=True)
+    app = write_app(folder / "app", cfg, run_path, poll_s=poll_s, round_timeout_s=round_timeout_s)
+    with LocalDeployment(folder, confs, tls, auth) as dep:
         dep.run(app, timeout_s)
-    if not (run_path / "metrics.jsonl").exists():
-        raise RunError(f"the Flower run left no metrics in {run_path}; see {folder}/logs")
+    if not (run_path / DONE_FILE).exists():  # the ServerApp writes it after its last round
+        log = folder / "logs" / "flwr-run.log"
+        raise RunError(f"the Flower run did not finish its rounds; {log}:{log_tail(log)}")
     return run_path
 
 

@@ -143,7 +143,7 @@ class NodeSession:
         self.cfg, self.identity = cfg, identity
         if cfg.run.num_threads:
             torch.set_num_threads(cfg.run.num_threads)
-        device = pick_device(cfg.run.device)
+        device = pick_device(cfg.run.device, cfg.run.deterministic)
         images, labels, num_classes = load_partition(cfg, identity.partition_id)
         self.data = ClientData(images.to(device), labels, num_classes)
         d, t = cfg.diffusion, cfg.train

@@ -3,3 +3,4 @@
 TRAIN, QUERY, HELLO = "train.feddiff", "query.feddiff", "query.hello"  # Flower message types
 SECTION = "feddiff"  # the RecordDict entry that carries our frame
 STATE = "feddiff-record"  # the Context.state entry that holds the client's record
+DONE_FILE = "flower-run.json"  # written into the run folder when the ServerApp finished every round
