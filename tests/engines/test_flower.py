@@ -20,7 +20,6 @@ from feddiff.engines.flower.local import write_app  # noqa: E402
 from feddiff.engines.flower.node import decode_record, encode_record, node_identity  # noqa: E402
 from feddiff.engines.runner import run  # noqa: E402
 from feddiff.runs import RunDir  # noqa: E402
-from feddiff.types import under  # noqa: E402
 
 from tests.engines.test_simulator import final_weights  # noqa: E402
 

@@ -32,6 +32,7 @@ VERSION = 2
 _PREFIX = 12  # magic(3) + version(1) + crc32(4) + header length(4)
 _ALIGN = 8
 _MAX_HEADER = 64 << 20  # a decompressed header larger than this is refused (zip bombs)
+_ZEROS = bytes(_ALIGN)  # alignment padding
 
 
 
@@ -66,7 +67,11 @@ def _aligned(n: int) -> int:
 
 
 def pack_frame(header: dict[str, Any], storage: dict[str, torch.Tensor]) -> bytes:
-    """Lay out ``storage`` after ``header`` (to which the storage table is added) in one buffer."""
+    """Lay out ``storage`` after ``header`` (to which the storage table is added) in one buffer.
+
+    The frame is joined from zero-copy views of the tensors (one copy of each byte, no zero-filled
+    buffer, no final copy), and its CRC is computed over the same pieces as they are listed.
+    """
     table, offset, parts = {}, 0, []
     for key, t in storage.items():
         t = t.detach().cpu().contiguous()
@@ -74,22 +79,20 @@ def pack_frame(header: dict[str, Any], storage: dict[str, torch.Tensor]) -> byte
             raise MessageError(f"storage {key!r}: dtype {t.dtype} cannot travel")
         nbytes = t.numel() * t.element_size()
         table[key] = [_dtype_name(t.dtype), list(t.shape), offset, nbytes]
-        parts.append((offset, nbytes, t))
-        offset = _aligned(offset + nbytes)
+        if nbytes:
+            parts.append(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        pad = _aligned(offset + nbytes) - (offset + nbytes)
+        if pad:
+            parts.append(_ZEROS[:pad])
+        offset += nbytes + pad
     # tensor names repeat in the index and the storage table: compression makes the header small
     head = zlib.compress(json.dumps({**header, "storage": table}, separators=(",", ":"), sort_keys=True).encode(), 6)
     data_start = _aligned(_PREFIX + len(head))
-    buf = bytearray(data_start + offset)
-    buf[:3] = MAGIC
-    buf[3] = VERSION
-    buf[8:12] = len(head).to_bytes(4, "little")
-    buf[_PREFIX : _PREFIX + len(head)] = head
-    view = memoryview(buf)
-    for off, nbytes, t in parts:
-        if nbytes:  # one copy per tensor, straight into the frame
-            view[data_start + off : data_start + off + nbytes] = t.reshape(-1).view(torch.uint8).numpy().data
-    buf[4:8] = zlib.crc32(view[8:]).to_bytes(4, "little")
-    return bytes(buf)
+    pieces = [len(head).to_bytes(4, "little"), head, _ZEROS[: data_start - _PREFIX - len(head)], *parts]
+    crc = 0
+    for piece in pieces:
+        crc = zlib.crc32(piece, crc)
+    return b"".join([MAGIC, bytes([VERSION]), crc.to_bytes(4, "little"), *pieces])
 
 
 def unpack_frame(blob: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -114,7 +117,10 @@ def unpack_frame(blob: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             raise MessageError("malformed message header: not an object with a storage table")
         table = header.pop("storage")
         data_start = _aligned(_PREFIX + n)
-        size = len(view) - data_start
+        size = max(len(view) - data_start, 0)  # a frame may end inside the header's padding (then: no storage)
+        with warnings.catch_warnings():  # the frame is read-only; every tensor is copied out of it below
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.frombuffer(view[data_start:], dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
         storage = {}
         for key, (dtype_name, shape, offset, nbytes) in table.items():
             dtype = _DTYPES[dtype_name]
@@ -127,11 +133,7 @@ def unpack_frame(blob: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             if nbytes != numel * itemsize or not (0 <= offset and offset + nbytes <= size):
                 raise MessageError(f"storage {key!r}: {nbytes} bytes at {offset} do not fit {dtype_name}{shape} "
                                    f"in a {size}-byte data section")
-            raw = view[data_start + offset : data_start + offset + nbytes]
-            with warnings.catch_warnings():  # the frame is read-only; we copy out of it at once
-                warnings.simplefilter("ignore", UserWarning)
-                flat = torch.frombuffer(raw, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
-            storage[key] = flat.clone().view(dtype).reshape(shape)
+            storage[key] = data[offset : offset + nbytes].clone().view(dtype).reshape(shape)
     except MessageError:
         raise
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, RuntimeError, zlib.error) as err:
