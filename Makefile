@@ -6,16 +6,17 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.feddiff-installed
+FLOWER_STAMP := $(VENV)/.feddiff-flower-installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test setup data bench-quick clean-venv
+.PHONY: demo test setup flower data bench-quick clean-venv
 
 demo: setup data
 	$(VENV)/bin/feddiff run configs/quickstart.toml
 
-test: setup data
+test: setup flower data
 	$(VPY) -m pytest -q
 
 setup: $(STAMP)
@@ -31,6 +32,15 @@ $(STAMP): pyproject.toml constraints.txt
 	fi
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q -c constraints.txt -e ".[test]"
+	@$(VPY) -c 'import torch; assert torch.__version__.startswith("2.13.0"), torch.__version__'
+	@touch $@
+
+# The Flower engine's optional extra (feddiff[flower]): the tests run real Flower deployments on loopback;
+# `make demo` does not need it.
+flower: $(FLOWER_STAMP)
+
+$(FLOWER_STAMP): $(STAMP)
 	$(VPY) -m pip install -q -c constraints.txt -e ".[test,flower]"
 	@$(VPY) -c 'import torch; assert torch.__version__.startswith("2.13.0"), torch.__version__'
 	@touch $@
