@@ -13,6 +13,7 @@ Prints one JSON object on its last line; ``ratio`` is the steady-round ratio of 
 
     python bench/flower_vs_simulator.py           # tiny and fmnist, 5 clients, 3 rounds (~10 min)
     python bench/flower_vs_simulator.py --quick   # tiny at 16 px, 2 clients, 2 rounds
+    python bench/flower_vs_simulator.py --anchor  # the anchor workload: 4 clients, `small` at 32 px
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ from feddiff.runs import RunDir
 
 def make_cfg(preset: str, quick: bool, out: str):
     k, r, s = (2, 2, 5) if quick else (5, 3, 20)
+    size = 16 if quick else 28
+    if preset == "anchor":  # shared/reference/anchor_flower.md: 4 clients x 20 steps, the `small` U-Net at 32 px
+        preset, k, size = "small", 4, 32
     return config_from_dict({
         "run": {"name": f"flower-bench-{preset}", "num_rounds": r, "progress": "none", "out_dir": out,
                 "checkpoint_every": 0},
-        "data": {"image_size": 16 if quick else 28, "resize": "resize" if quick else "pad",
+        "data": {"image_size": size, "resize": "resize" if quick else "pad",
                  "max_train_samples": 1000 if quick else 10000},
         "partition": {"method": "iid", "num_clients": k},
         "model": {"preset": preset},
@@ -66,7 +70,7 @@ def bench(preset: str, quick: bool, out: Path) -> dict:
     steady_s, steady_f = statistics.mean(rs[1:]), statistics.mean(rf[1:])
     a, b = weights(sim), weights(flower)
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
-    row = {"preset": preset, "clients": cfg.partition.num_clients, "rounds": cfg.run.num_rounds,
+    row = {"preset": preset if preset != "anchor" else "anchor (small, 32 px)", "clients": cfg.partition.num_clients, "rounds": cfg.run.num_rounds,
            "local_steps": cfg.train.local_steps, "simulator_round_s": [round(x, 2) for x in rs],
            "flower_round_s": [round(x, 2) for x in rf], "steady_ratio": round(steady_f / steady_s, 3),
            "fixed_per_round_s": round(steady_f - steady_s, 2), "simulator_wall_s": round(sim_wall, 1),
@@ -79,10 +83,13 @@ def bench(preset: str, quick: bool, out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny at 16 px, 2 clients, 2 rounds")
+    ap.add_argument("--anchor", action="store_true", help="only the reference workload of anchor_flower.md: "
+                                                          "4 clients x 20 steps, `small` U-Net at 32 px")
     args = ap.parse_args()
     t = time.perf_counter()
+    presets = ["tiny"] if args.quick else ["anchor"] if args.anchor else ["tiny", "fmnist"]
     with tempfile.TemporaryDirectory(prefix="flower-bench-") as tmp:
-        rows = [bench(p, args.quick, Path(tmp)) for p in (["tiny"] if args.quick else ["tiny", "fmnist"])]
+        rows = [bench(p, args.quick, Path(tmp)) for p in presets]
     head = rows[-1]
     print(json.dumps({"bench": "flower_vs_simulator", "quick": args.quick, "flower": "1.42.0 deployment engine",
                       "ray_simulation": "not installed (flwr[simulation])", "rows": rows,
