@@ -77,7 +77,6 @@ def nodes(k: int, **extra) -> dict[int, dict]:
 
 
 @pytest.mark.filterwarnings("ignore:pathological")
-@pytest.mark.filterwarnings("ignore:no personal model")
 @pytest.mark.parametrize("sections", [
     {},
     {"algorithm": {"name": "scaffold"}, "train": {"optimizer": "sgd", "lr": 0.05},
@@ -98,8 +97,13 @@ def test_flower_engine_gives_the_simulators_weights_and_bytes(make_config, tmp_p
     a, b = final_weights(sim), final_weights(flower)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ms, mf = sim.read_metrics(), flower.read_metrics()
-    assert [r["bytes"] for r in ms] == [r["bytes"] for r in mf]  # the same frames cross the same links
+    training = [[{k: v for k, v in r["bytes"].items() if k != "eval"} for r in m] for m in (ms, mf)]
+    assert training[0] == training[1]  # the same frames cross the same links
     assert [r["loss"] for r in ms] == [r["loss"] for r in mf]
+    if "udec" in json.dumps(sections):  # personal models: asked from the nodes (eval link), evaluated, exported
+        assert mf[-1]["bytes"]["eval"]["up"] > 0 and "eval" not in ms[-1]["bytes"]
+        assert sorted(mf[-1]["eval"]["models"]) == sorted(ms[-1]["eval"]["models"]) == ["client0", "client1"]
+        assert (flower.path / "models" / "client1" / "unet").is_dir()
     # the records live on the nodes: the server's checkpoint holds no client state
     assert not any(k.startswith("client/") for k in flower.latest_checkpoint()[1])
     if "scaffold" in json.dumps(sections):

@@ -37,6 +37,8 @@ class ClientData:
 
 
 QUERY_ROUND = -1  # the round number of setup queries (their codec streams differ from every round's)
+# the query for a client's personal model (UDEC/ULATDEC), when the engine keeps no client records (Flower)
+PERSONAL_QUERY = "personal_model"
 
 
 class ClientNode:
@@ -95,12 +97,13 @@ class ClientNode:
         state.optimizer = None
 
     def _answer(self, client: int, names: list[str], state: ClientState, data: ClientData) -> bytes:
-        unknown = [n for n in names if n not in self.answers]
+        unknown = [n for n in names if n not in self.answers and n != PERSONAL_QUERY]
         if unknown:
             raise ValueError(f"client {client}: unknown query {unknown}; known: {sorted(self.answers)}")
         tensors: StateDict = {}
         for name in names:
-            tensors.update({f"{name}/{k}" if k else name: v for k, v in self.answers[name](data).items()})
+            got = (state.personal or {}) if name == PERSONAL_QUERY else self.answers[name](data)
+            tensors.update({f"{name}/{k}" if k else name: v for k, v in got.items()})
         # answers are statistics the server uses as they are: never through the uplink's lossy codec
         return self.link.send_exact(Message(tensors, {"num_samples": int(data.images.shape[0])}))
 

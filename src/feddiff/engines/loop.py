@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from feddiff.algorithms.base import Failure, Reply, Task, Transfer
-from feddiff.client.node import QUERY_ROUND
+from feddiff.client.node import PERSONAL_QUERY, QUERY_ROUND
 from feddiff.compress.link import ServerLink, pack, unpack
 from feddiff.compress.wire import Message, MessageError
 from feddiff.engines.progress import RoundProgress
@@ -79,9 +79,9 @@ class Engine(Protocol):
     def send_and_receive(self, rnd: int, messages: list[Outgoing], events: RoundEvents) -> list[Incoming]:
         """Deliver every message and return one :class:`Incoming` per message, in any order."""
 
-    def personal_models(self) -> dict[int, tuple[dict[str, Any] | None, StateDict]]:
-        """Clients' (model spec JSON, personal model), for evaluating personalized strategies ({} when not
-        reachable); spec None: the spec the config builds."""
+    def personal_models(self) -> dict[int, tuple[dict[str, Any] | None, StateDict]] | None:
+        """Clients' (model spec JSON, personal model), for evaluating personalized strategies; spec None: the
+        spec the config builds. None: the clients keep them, and the server asks for them (a query)."""
 
     def state_dict(self) -> tuple[StateDict, dict[str, Any]]:
         """Client records the engine keeps for the server's checkpoint (({}, {}) when the clients keep them)."""
@@ -317,13 +317,14 @@ class Server:
                 arrived = self.carry(rnd, transfers)
             agg_metrics.update(self.strategy.round_metrics(rnd))
         t_agg = time.perf_counter() - t_agg
-        comm = self.ledger.close_round()
 
-        # Evaluate (every N rounds and after the last)
+        # Evaluate (every N rounds and after the last); what it asks of clients (personal models kept on
+        # the nodes) is this round's traffic on the eval link
         t_eval = time.perf_counter()
         every = cfg.eval.every_rounds
         evaluation = self.evaluate(rnd + 1, last, engine) if last or (every and (rnd + 1) % every == 0) else None
         t_eval = time.perf_counter() - t_eval
+        comm = self.ledger.close_round()
 
         # Record the round, then checkpoint (a resume redoes rounds after the checkpoint)
         t_round = time.perf_counter() - t_round
@@ -378,9 +379,11 @@ class Server:
         current = self.strategy.spec or self.exp.spec
         out = {}
         held = engine.personal_models()
+        if held is None:  # the clients keep them (Flower): asked for, on the eval link, counted
+            answers = self.query(engine, [PERSONAL_QUERY], EVAL_LINK, list(range(self.exp.num_clients)))
+            held = {c: (None, under(t, f"{PERSONAL_QUERY}/")) for c, t in answers.items() if t}
         if not held:
-            warnings.warn("no personal model to evaluate or export: no client has trained yet, or the engine "
-                          "keeps them on the nodes (Flower)", stacklevel=2)
+            warnings.warn("no personal model to evaluate or export: no client has trained yet", stacklevel=2)
         for k, (spec, personal) in sorted(held.items()):
             holds = ModelSpec.from_json(spec) if spec is not None else self.exp.spec
             # a client not reached since the model was pruned: its model as it will be when next reached

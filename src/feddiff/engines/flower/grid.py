@@ -131,9 +131,9 @@ class FlowerEngine:
             results.append(Incoming(messages[i].client, error="no reply (not delivered, or past the round's timeout)"))
         return results
 
-    def personal_models(self) -> dict[int, tuple[dict[str, Any] | None, StateDict]]:
-        """Personal models stay on the nodes; the ServerApp does not fetch them (not evaluated yet)."""
-        return {}
+    def personal_models(self) -> None:
+        """The personal models are on the nodes: the server asks for them (``personal_model`` query)."""
+        return None
 
     def state_dict(self) -> tuple[StateDict, dict[str, Any]]:
         """Nothing: every client keeps its record in its node's context."""
