@@ -217,3 +217,35 @@ def test_sample_reads_a_pruned_personal_model_from_a_checkpoint(tmp_path, fmnist
     assert main(["sample", str(rd), "--num", "2", "--steps", "2", "--client", held[0],
                  "--out", str(tmp_path / "c.png")]) == 0
     assert f"client {held[0]}" in capsys.readouterr().out
+
+
+def test_sample_says_plainly_when_no_checkpoint_is_readable(tmp_path, fmnist_dir, capsys):
+    cfg = write_config(tmp_path, fmnist_dir, rounds=2, steps=1)
+    out = tmp_path / "runs"
+    assert main(["run", str(cfg), "--out", str(out), "--set", "run.keep_checkpoints=2"]) == 0
+    rd = only_run(out)
+    import shutil
+
+    shutil.rmtree(rd / "model")
+    for p in (rd / "checkpoints").glob("round-*.safetensors"):
+        p.write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert main(["sample", str(rd), "--num", "2", "--out", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert "none of its 2 checkpoints is readable: nothing to sample from" in err
+    assert "using" not in err  # no "using an older checkpoint" for a checkpoint that is not there
+
+
+def test_resume_removes_temp_files_a_killed_run_left(tmp_path, fmnist_dir, capsys):
+    cfg = write_config(tmp_path, fmnist_dir, rounds=1, steps=1)
+    out = tmp_path / "runs"
+    assert main(["run", str(cfg), "--out", str(out)]) == 0
+    rd = only_run(out)
+    stale = rd / "checkpoints" / ".round-00002.safetensors.tmp-99999999"  # no such process
+    stale.write_bytes(b"half")
+    mine = rd / "checkpoints" / f".round-00002.safetensors.tmp-{os.getppid()}"  # a live process: kept
+    mine.write_bytes(b"busy")
+    assert [r for r, _ in RunDir.open(rd).checkpoints()] == [1]  # temp files never count as checkpoints
+    assert main(["run", "--resume", str(rd), "--set", "run.num_rounds=2"]) == 0
+    assert not stale.exists() and mine.exists()
+    assert "removed checkpoints/.round-00002.safetensors.tmp-99999999" in capsys.readouterr().out

@@ -74,10 +74,12 @@ def _sampling_model(run_dir: RunDir, cfg, client: int | None):
                        "choose one with --client K")
     damaged: list[tuple[Path, str]] = []
     found = run_dir.latest_checkpoint(damaged)
-    for _, reason in damaged:
-        print(f"warning: {reason}; using an older checkpoint", file=sys.stderr)
     if found is None:
-        raise RunError(f"{run_dir.path} has neither an exported model nor a readable checkpoint")
+        why = "".join(f"\n  {reason}" for _, reason in damaged)
+        what = f"none of its {len(damaged)} checkpoints is readable" if damaged else "it has no checkpoint"
+        raise RunError(f"{run_dir.path} has no exported model and {what}: nothing to sample from{why}")
+    for _, reason in damaged:
+        print(f"warning: {reason}; using the older checkpoint of round {found[0]}", file=sys.stderr)
     rnd, tensors, state = found
     strategy.load_state_dict(under(tensors, "strategy/"), state["strategy"])
     weights = strategy.global_state()

@@ -30,6 +30,16 @@ from feddiff.types import StateDict
 _CKPT = re.compile(r"round-(\d+)\.safetensors$")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 class RunError(RuntimeError):
     """A run folder is missing, incomplete or inconsistent."""
 
@@ -141,6 +151,21 @@ class RunDir:
         atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     # -- checkpoints -----------------------------------------------------------------------
+    def clean_stale_temps(self) -> list[Path]:
+        """Remove half-written temp files (``.<name>.tmp-<pid>``) that a killed process left; returns them.
+
+        A file of a process that still runs is kept (it may be writing it now).
+        """
+        removed = []
+        for folder in (self.path, self.path / "checkpoints"):
+            for p in folder.glob(".*.tmp-*"):
+                pid = p.name.rsplit(".tmp-", 1)[-1]
+                if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+                    continue
+                p.unlink(missing_ok=True)
+                removed.append(p)
+        return removed
+
     def checkpoints(self) -> list[tuple[int, Path]]:
         """(round, path) of complete checkpoints, oldest first."""
         found = []

@@ -162,6 +162,9 @@ class Simulator:
 
     def resume(self) -> None:
         """Restore the state after the last checkpoint; metrics of later rounds are redone."""
+        for p in self.run_dir.clean_stale_temps():  # what a process killed while writing left behind
+            print(f"note: removed {p.relative_to(self.run_dir.path)}, a file half-written by a killed run",
+                  flush=True)
         self.server.start_round = self.restore()
         self.run_dir.truncate_metrics(self.server.start_round)
 
