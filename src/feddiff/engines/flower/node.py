@@ -23,8 +23,6 @@ from feddiff.config import Config, ConfigError
 if TYPE_CHECKING:  # torch is imported where a message needs it (a hello does not)
     import torch
 
-    from feddiff.types import StateDict
-
 # node config keys (flower-supernode --node-config 'partition-id=0 num-partitions=4 edge-id="e1"')
 PARTITION_ID, NUM_PARTITIONS, EDGE_ID, DATA_ROOT = "partition-id", "num-partitions", "edge-id", "data-root"
 
@@ -160,8 +158,3 @@ class NodeSession:
         reply = self.node.handle(self.identity.partition_id, bytes(blob), state, self.data)
         return reply, encode_record(state)
 
-
-def personal_of(record: bytes | None) -> tuple[dict | None, "StateDict"] | None:
-    """(spec, personal model) kept in a record, for evaluating personal models; None when there is none."""
-    state = decode_record(record)
-    return None if state.personal is None else (state.spec, state.personal)
