@@ -35,9 +35,10 @@ VARIANTS = {
 }
 
 
-def overrides(quick: bool) -> list[str]:
-    variants = "{" + ", ".join(f'"{k}" = {json.dumps(v)}' for k, v in VARIANTS.items()) + "}"
-    common = [f"sweep.variants={variants}", "partition.num_clients=10", 'model.preset="small"', "train.lr=2e-3",
+def overrides(quick: bool, variants: dict[str, list[str]] = VARIANTS) -> list[str]:
+    """The protocol's overrides (full, or the smoke run) with ``variants`` as the sweep's points."""
+    table = "{" + ", ".join(f'"{k}" = {json.dumps(v)}' for k, v in variants.items()) + "}"
+    common = [f"sweep.variants={table}", "partition.num_clients=10", 'model.preset="small"', "train.lr=2e-3",
               'train.lr_schedule="cosine"', "train.local_steps=10", "train.batch_size=32", "train.warmup_steps=20",
               "eval.every_rounds=0", "eval.num_inference_steps=50", "eval.grid_size=16", 'run.progress="lines"',
               "algorithm.central_a=60000.0"]

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 from _sweep_bench import run_bench_sweep, variant_rows
+from fedphd_fmnist import overrides as fedphd_overrides
+from fedphd_fmnist import tiers
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fedphd_fmnist.toml"
 
@@ -39,19 +41,13 @@ VARIANTS = {
 
 
 def overrides(quick: bool) -> list[str]:
-    variants = VARIANTS if not quick else {**VARIANTS, "sparse": ["prune.ratio=0.2", "prune.at=2"],
-                                           "sparse1e-3": ["prune.ratio=0.2", "prune.at=2", "prune.sparsity=1e-3"]}
-    table = "{" + ", ".join(f'"{k}" = {json.dumps(v)}' for k, v in variants.items()) + "}"
-    common = [f"sweep.variants={table}", "partition.num_clients=10", 'model.preset="small"', "train.lr=2e-3",
-              'train.lr_schedule="cosine"', "train.local_steps=10", "train.batch_size=32", "train.warmup_steps=20",
-              "eval.every_rounds=0", "eval.num_inference_steps=50", "eval.grid_size=16", 'run.progress="lines"',
-              "algorithm.central_a=60000.0"]
-    if quick:
-        return common + ["data.max_train_samples=400", 'model.preset="tiny"', "run.num_rounds=5", "train.local_steps=1",
-                         "train.batch_size=8", "data.image_size=16", 'data.resize="resize"',
-                         "eval.fid_num_samples=8", "eval.num_inference_steps=2", "eval.loss_num_samples=32",
-                         "eval.reference_num_samples=200", "eval.grid_size=1", "algorithm.central_a=1000.0"]
-    return common + ["run.num_rounds=30", "eval.fid_num_samples=500"]
+    """``bench/fedphd_fmnist.py``'s protocol with these variants. The smoke run prunes after 2 of its 5 rounds,
+    so its central aggregation comes every 2 rounds (a hierarchy prunes right after a central round)."""
+    if not quick:
+        return fedphd_overrides(quick, VARIANTS)
+    variants = {**VARIANTS, "sparse": ["prune.ratio=0.2", "prune.at=2"],
+                "sparse1e-3": ["prune.ratio=0.2", "prune.at=2", "prune.sparsity=1e-3"]}
+    return fedphd_overrides(quick, variants) + ["algorithm.central_every=2"]
 
 
 def main() -> None:
@@ -61,7 +57,7 @@ def main() -> None:
     base = rows["dense"]
     results = {}
     for name, r in rows.items():
-        per_tier = {link: d["down"] + d["up"] for link, d in r["bytes"].items() if link != "eval"}
+        per_tier = tiers(r["bytes"])
         results[name] = {
             "fd_domain": r.get("fd"), "heldout_loss": r.get("heldout_loss"), "parameters": r.get("parameters"),
             "macs": r.get("macs"), "bytes_per_tier": per_tier, "bytes_total": r["bytes_total"],
