@@ -1,0 +1,139 @@
+"""CRC-32 (zlib's) of a sequence of buffers, computed on several threads, equal to the sequential one.
+
+``zlib.crc32`` releases the GIL on large buffers, so chunks of a message can be checked side by side
+(and beside a copy on the main thread). The chunk CRCs are joined with the zero-shift operator that
+zlib's ``crc32_combine`` uses (not exposed by Python's zlib): for finalized CRCs ``a`` of ``A`` and
+``b`` of ``B``, ``crc(A + B) = Z_len(B)(a) ^ b``, where ``Z_n`` is the linear map that runs the CRC
+register over ``n`` zero bytes. ``Z_n`` is kept as the images of the 32 basis bits, made once per
+length from ``Z_1`` (taken from zlib itself) by squaring.
+
+    crc32_of([blob])                     # == zlib.crc32(blob)
+    future = crc32_async([head, *parts]) # a concurrent.futures-like object; .result() is the CRC
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import lru_cache
+
+CHUNK = 1 << 20  # bytes per task; a multiple of it is cheap to shift by (one cached operator)
+PARALLEL_MIN = 8 * CHUNK  # below this, one sequential zlib.crc32 is as fast as the hand-off (measured)
+_MASK = 0xFFFFFFFF
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def threads() -> int:
+    """Worker threads used for large buffers: the machine's cores, at most 4."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="feddiff-crc")
+        return _pool
+
+
+def _apply(op: tuple[int, ...], x: int) -> int:
+    out, i = 0, 0
+    while x:
+        if x & 1:
+            out ^= op[i]
+        x >>= 1
+        i += 1
+    return out
+
+
+@lru_cache(maxsize=None)
+def _zeros_pow2(k: int) -> tuple[int, ...]:
+    """The operator for 2**k zero bytes, as the images of bits 0..31."""
+    if k == 0:
+        return tuple(zlib.crc32(b"\0", (1 << i) ^ _MASK) ^ _MASK for i in range(32))
+    half = _zeros_pow2(k - 1)
+    return tuple(_apply(half, half[i]) for i in range(32))
+
+
+def shift(crc: int, n: int) -> int:
+    """``crc`` as if ``n`` zero bytes followed: apply ``Z_n``."""
+    k = 0
+    while n:
+        if n & 1:
+            crc = _apply(_zeros_pow2(k), crc)
+        n >>= 1
+        k += 1
+    return crc
+
+
+def combine(crc_a: int, crc_b: int, len_b: int) -> int:
+    """CRC-32 of ``A + B`` from the CRCs of ``A`` and ``B`` (zlib's crc32_combine)."""
+    return shift(crc_a, len_b) ^ crc_b
+
+
+def _chunks(buffers: list[memoryview], size: int) -> list[list[memoryview]]:
+    """Cut the concatenation of ``buffers`` into runs of ``size`` bytes (the last may be shorter)."""
+    out: list[list[memoryview]] = [[]]
+    room = size
+    for buf in buffers:
+        pos, n = 0, len(buf)
+        while pos < n:
+            if room == 0:
+                out.append([])
+                room = size
+            take = min(room, n - pos)
+            out[-1].append(buf[pos : pos + take])
+            pos += take
+            room -= take
+    return out
+
+
+def _crc_run(pieces: list[memoryview]) -> tuple[int, int]:
+    crc = n = 0
+    for p in pieces:
+        crc = zlib.crc32(p, crc)
+        n += len(p)
+    return crc, n
+
+
+class _Done:
+    """A finished result with the Future interface used here."""
+
+    def __init__(self, value: int):
+        self._value = value
+
+    def result(self) -> int:
+        return self._value
+
+
+class _Joined:
+    """The CRC of all chunks, joined in order once every chunk's task has finished."""
+
+    def __init__(self, futures: list[Future]):
+        self._futures = futures
+
+    def result(self) -> int:
+        crc = 0
+        for i, f in enumerate(self._futures):
+            c, n = f.result()
+            crc = c if i == 0 else combine(crc, c, n)
+        return crc
+
+
+def crc32_async(buffers: list) -> _Done | _Joined:
+    """Start the CRC-32 of the concatenation of ``buffers``; ``.result()`` waits and returns it."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    total = sum(len(v) for v in views)
+    if total < PARALLEL_MIN or threads() == 1:
+        return _Done(_crc_run(views)[0])
+    pool = _executor()
+    return _Joined([pool.submit(_crc_run, run) for run in _chunks(views, CHUNK)])
+
+
+def crc32_of(buffers: list) -> int:
+    """CRC-32 of the concatenation of ``buffers``, equal to ``zlib.crc32`` of the joined bytes."""
+    return crc32_async(buffers).result()
