@@ -11,12 +11,12 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test setup flower data bench-quick clean-venv
+.PHONY: demo test setup flower data browser bench-quick clean-venv
 
 demo: setup data
 	$(VENV)/bin/feddiff run configs/quickstart.toml
 
-test: setup flower data
+test: setup flower data browser
 	$(VPY) -m pytest -q
 
 setup: $(STAMP)
@@ -52,6 +52,17 @@ data:
 	    apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; \
 	  else \
 	    echo "error: $(FMNIST_DIR) is missing. Install it with: sudo apt-get install dataset-fashion-mnist"; exit 1; \
+	  fi; \
+	fi
+
+# Headless Chromium renders a test report (tests marked `browser`); best effort: without it those tests skip.
+browser:
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y -q chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium >/dev/null; } \
+	      || echo "note: chromium could not be installed; the report's browser check will be skipped"; \
+	  else \
+	    echo "note: no chromium; the report's browser check will be skipped (sudo apt-get install chromium)"; \
 	  fi; \
 	fi
 

@@ -18,6 +18,7 @@ Federated training of diffusion models (DDPM) on data split across clients.
   feddiff model-info cifar10-ddpm                parameters, MACs and encoder/latent/decoder shares
   feddiff prune cifar10-ddpm --ratio 0.1 0.2 0.3 parameters and MACs after structured pruning (FedPhD)
   feddiff sweep configs/degoede_fmnist.toml      a grid of runs (resumable), with a summary table
+  feddiff report runs/a runs/b --out report      HTML + Markdown report: table, plots, sample grids (reads only)
   feddiff flower configs/smoke.toml              the same run on Flower: a SuperLink and one SuperNode per client
                                                  on loopback (real processes), then `flwr run`
   feddiff eval runs/quickstart-... --num-samples 1000   FD-domain / KID / IS of the final model
@@ -132,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="folder for the sweep folder (default: run.out_dir)")
     p.add_argument("--dry-run", action="store_true", help="check every point's config, list the points and exit")
     _add_set(p)
+
+    p = sub.add_parser("report", help="compare runs: an HTML page and a Markdown summary with the table, plots and "
+                                      "sample grids (reads run folders only)",
+                       description="Read run folders (a sweep folder stands for its runs) and write report.html "
+                                   "(self-contained), report.md, figures/, grids/ and summary.json into --out. "
+                                   "Never retrains; re-run it while runs train to see them so far.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or folders of runs (e.g. a sweep)")
+    p.add_argument("--out", metavar="DIR", required=True, help="folder for the report (created)")
+    p.add_argument("--title", help="page title (default: the methods compared)")
 
     p = sub.add_parser("model-info", help="parameters, MACs and parameter-group shares of a model preset")
     p.add_argument("preset", choices=PRESET_NAMES, help=" | ".join(PRESET_NAMES))

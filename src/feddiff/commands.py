@@ -293,6 +293,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from feddiff.report.document import build_report
+
+    report = build_report(args.runs, args.out, args.title)
+    console = _console()
+    console.print(escape(f"{len(report.rows)} run(s), {len(report.figures)} figure(s), "
+                         f"{sum(map(len, report.grids.values()))} sample grid(s)"))
+    for path in (report.html, report.markdown, report.summary):
+        console.print(escape(str(path)))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from feddiff.engines.runner import evaluate_checkpoint
 
@@ -339,4 +351,4 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "sample": cmd_sample, "partition": cmd_partition, "config": cmd_config,
-            "model-info": cmd_model_info, "prune": cmd_prune, "flower": cmd_flower, "sweep": cmd_sweep, "eval": cmd_eval, "features": cmd_features}
+            "model-info": cmd_model_info, "prune": cmd_prune, "flower": cmd_flower, "sweep": cmd_sweep, "report": cmd_report, "eval": cmd_eval, "features": cmd_features}

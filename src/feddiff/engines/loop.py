@@ -30,6 +30,7 @@ from feddiff.client.node import PERSONAL_QUERY, QUERY_ROUND
 from feddiff.compress.link import ServerLink, pack, unpack
 from feddiff.compress.wire import Message, MessageError
 from feddiff.engines.progress import RoundProgress
+from feddiff.engines.tensorboard import ScalarWriter
 from feddiff.engines.validate import validate_reply
 from feddiff.metrics.cost import architecture_signature, model_cost
 from feddiff.metrics.ledger import Ledger
@@ -289,13 +290,18 @@ class Server:
             warnings.warn(f"prune.at = {p.at} is not before the last round (run.num_rounds = {num_rounds}): these "
                           "rounds train the dense model with the sparsity regulariser and never prune it (a resume "
                           "with a larger run.num_rounds will)", stacklevel=2)
+        scalars = ScalarWriter(self.run_dir.path, self.start_round) if cfg.run.tensorboard else None
         try:
             self.setup(engine, reference)
             for rnd in range(self.start_round, num_rounds):
                 record = self._round(rnd, engine, progress, last=rnd + 1 == num_rounds)
-                progress.end_round(rnd, round_line(record, num_rounds))
+                progress.end_round(rnd, round_line(record, num_rounds), live_status(record))
+                if scalars:
+                    scalars.add(record)
         finally:
             progress.close()
+            if scalars:
+                scalars.close()
         progress.message(f"run folder: {self.run_dir.path}")
         return self.run_dir
 
@@ -497,6 +503,18 @@ def load_checkpoint(run_dir: RunDir, rnd: int | None, set_aside: bool) -> tuple[
     return run_dir.load_checkpoint(paths[rnd])
 
 
+def live_status(rec: dict[str, Any]) -> dict[str, str]:
+    """What the progress bar shows after a round: loss, the metric if evaluated, training bytes so far."""
+    out = {"loss": f"loss {rec['loss']:.4f}" if rec["loss"] is not None else "loss -"}
+    ev = rec.get("eval", {})
+    value = ev.get("fd", ev.get("fd_mean"))
+    if value is not None:
+        out["metric"] = f"{ev.get('label', 'FD')} {value:.2f} (round {rec['round']})"
+    sent = sum(d["up"] + d["down"] for link, d in rec.get("bytes_cumulative", {}).items() if link != EVAL_LINK)
+    out["sent"] = f"sent {_fmt_bytes(sent)}"
+    return out
+
+
 def round_line(rec: dict[str, Any], num_rounds: int) -> str:
     """The one line a round prints (bytes of the client links: client-server or client-edge)."""
     client_links = [v for k, v in rec["bytes"].items() if k.startswith("client-")]
@@ -507,6 +525,7 @@ def round_line(rec: dict[str, Any], num_rounds: int) -> str:
     cloud = rec["bytes"].get("edge-cloud")
     if cloud:
         line += f"  edge-cloud {_fmt_bytes(cloud['up'] + cloud['down'])}"
+    line += f"  {live_status(rec)['sent']} so far"
     if rec.get("rejected"):
         line += f"  rejected {len(rec['rejected'])}"
     if "eval" in rec:
@@ -525,4 +544,4 @@ def round_line(rec: dict[str, Any], num_rounds: int) -> str:
 
 
 __all__ = ["EVAL_LINK", "LINK", "Engine", "Incoming", "Outgoing", "RoundEvents", "RoundResult", "Server",
-           "load_checkpoint", "round_line"]
+           "live_status", "load_checkpoint", "round_line"]

@@ -16,6 +16,8 @@ class RoundProgress:
         self.console = Console(highlight=False, soft_wrap=True)  # a log line stays one line
         self.num_rounds = num_rounds
         self._bar: Progress | None = None
+        self._status: dict[str, str] = {}  # loss, last metric, bytes sent so far (kept between rounds)
+        self._round = start_round
         if mode == "bar":
             self._bar = Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -27,7 +29,8 @@ class RoundProgress:
 
     def start_round(self, rnd: int, clients: list[int], total_steps: int) -> None:
         if self._bar:
-            self._bar.update(self._rounds, description=f"round {rnd + 1}/{self.num_rounds}")
+            self._round = rnd
+            self._bar.update(self._rounds, description=self._describe(rnd))
             self._bar.reset(self._steps, total=total_steps, visible=True,
                             description=f"  {len(clients)} clients, local steps")
 
@@ -37,8 +40,7 @@ class RoundProgress:
 
     def client_done(self, client: int, loss: float) -> None:
         if self._bar:
-            self._bar.update(self._rounds, description=f"{self._bar.tasks[self._rounds].description.split('  ')[0]}"
-                                                       f"  last loss {loss:.4f} (client {client})")
+            self._bar.update(self._rounds, description=self._describe(self._round, f"client {client} loss {loss:.4f}"))
 
     def step(self) -> None:
         if self._bar:
@@ -48,12 +50,21 @@ class RoundProgress:
         if self.mode != "none":
             self.console.print(text)
 
-    def end_round(self, rnd: int, line: str) -> None:
+    def end_round(self, rnd: int, line: str, status: dict[str, str] | None = None) -> None:
+        """Print the round's line; the bar keeps the newest loss, metric (until the next evaluation) and bytes."""
+        self._status.update(status or {})
         if self._bar:
             self._bar.advance(self._rounds)
+            self._bar.update(self._rounds, description=self._describe(rnd))
             self._bar.console.print(line)
         elif self.mode == "lines":
             self.console.print(line)
+
+    def _describe(self, rnd: int, current: str = "") -> str:
+        """``round r/N``, then the last round's loss, the newest metric and the bytes sent so far."""
+        parts = [f"round {rnd + 1}/{self.num_rounds}", current]
+        parts += [self._status[k] for k in ("loss", "metric", "sent") if k in self._status]
+        return "  ".join(p for p in parts if p)
 
     def close(self) -> None:
         if self._bar:

@@ -1,0 +1,265 @@
+"""``feddiff report RUN_DIR... --out DIR``: a self-contained HTML page and a Markdown summary.
+
+Reads run folders only (a sweep folder stands for the runs in it) and writes into ``DIR``:
+
+- ``report.html``: the table, the figures and each run's last sample grid, images inlined as data
+  URIs, no external file or script, so the one file can be mailed or archived;
+- ``report.md``: the same table and links to ``figures/*.png`` and ``grids/*.png``;
+- ``summary.json``: the rows, every number as read from the runs' ``metrics.jsonl``.
+
+It can be re-run while runs train: ``metrics.jsonl`` is written and flushed once per round, and a
+row says how far an unfinished run got.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from feddiff.report.figures import all_figures
+from feddiff.report.rows import RunData, compare, last_grid, load_run, summarize_run
+from feddiff.runs import RunError, atomic_write_bytes, atomic_write_json
+
+
+@dataclass
+class Report:
+    """What :func:`build_report` wrote."""
+
+    html: Path
+    markdown: Path
+    summary: Path
+    rows: list[dict[str, Any]]
+    figures: dict[str, Path] = field(default_factory=dict)
+    grids: dict[str, list[Path]] = field(default_factory=dict)
+
+
+def find_runs(paths: list[str | Path]) -> list[tuple[Path, str, dict[str, Any]]]:
+    """(run folder, name, sweep settings) of the runs named by ``paths``.
+
+    A path is a run folder, a sweep folder (its points, named as in the sweep, with their settings
+    so that each is compared with the FedAvg point of the same other settings), or a folder of runs.
+    Folder names shared by two runs are prefixed with their parent's.
+    """
+    from feddiff.sweep import point_settings, sweep_runs
+
+    found: list[tuple[Path, str | None, dict[str, Any]]] = []
+    for p in map(Path, paths):
+        if (p / "config.json").is_file():
+            found.append((p, None, {}))
+        elif (p / "sweep.json").is_file():
+            found += [(path, name, point_settings(overrides)) for name, overrides, path in sweep_runs(p)
+                      if (path / "config.json").is_file()]
+        elif p.is_dir():
+            inside = sorted(d for d in p.iterdir() if (d / "config.json").is_file())
+            if not inside:
+                raise RunError(f"{p} is not a run folder (no config.json) and holds none")
+            found += [(d, None, {}) for d in inside]
+        else:
+            raise RunError(f"{p}: no such run folder")
+    seen, unique = set(), []
+    for path, name, settings in found:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            unique.append((path, name, settings))
+    folder_names = [p.name for p, _, _ in unique]
+    return [(p, name or (f"{p.parent.name}/{p.name}" if folder_names.count(p.name) > 1 else p.name), settings)
+            for p, name, settings in unique]
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+# -- formatting ---------------------------------------------------------------------------------
+
+
+def _num(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _pm(row: dict[str, Any], key: str, digits: int) -> str:
+    if key not in row:
+        return "-"
+    s = _num(row[key], digits)
+    return s + (f" ± {_num(row[key + '_std'], digits)}" if f"{key}_std" in row else "")
+
+
+def _si(v: float | None, unit: str) -> str:
+    if v is None:
+        return "-"
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g} {prefix}{unit}"
+    return f"{v:.3g} {unit}"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f}" if n >= 1e7 else f"{n / 1e6:.2f}"
+
+
+def _wall(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.2f} h"
+
+
+def table_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The report's table: column titles and one list of cells per row."""
+    label = next((r["fd_label"] for r in rows if "fd_label" in r), "FD")
+    tiers = sorted({t for r in rows for t in r["bytes_tiers"]})
+    cols = ["run", "method", "dataset", "split", "clients", "rounds", f"final {label}", f"best {label} (round)", "IS",
+            "KID", "held-out loss", "parameters", "MACs", *[f"MB {t}" for t in tiers], "MB total", "savings vs FedAvg",
+            "wall", "status"]
+    out = []
+    for r in rows:
+        best = f"{_num(r['fd_best'])} ({r['fd_best_round']})" if "fd_best" in r else "-"
+        out.append([
+            r["name"], r["method"], r["dataset"], r["split"], str(r["clients"]), f"{r['rounds']}/{r['num_rounds']}",
+            _pm(r, "fd", 2), best, _pm(r, "is_mean", 3), _pm(r, "kid_mean", 3), _pm(r, "heldout_loss", 4),
+            _si(r.get("parameters"), ""), _si(r.get("macs"), ""),
+            *[_mb(r["bytes_tiers"][t]) if t in r["bytes_tiers"] else "-" for t in tiers], _mb(r["bytes_total"]),
+            ("baseline" if r.get("baseline") == r["name"] else f"{100 * r['savings']:.1f}%") if "savings" in r else "-", _wall(r.get("wall_s")), r["status"],
+        ])
+    return cols, out
+
+
+# -- writers ------------------------------------------------------------------------------------
+
+
+def _markdown(title: str, rows: list[dict[str, Any]], figures: dict[str, Path], grids: dict[str, list[Path]],
+              out: Path) -> str:
+    cols, cells = table_cells(rows)
+
+    def md(s: str) -> str:
+        return s.replace("|", "\\|")
+
+    lines = [f"# {title}", "", f"{len(rows)} run(s); every number is read from the runs' `metrics.jsonl`.", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(md(c) for c in row) + " |" for row in cells]
+    protocols = sorted({r["protocol"] for r in rows if r.get("protocol")})
+    if protocols:
+        lines += ["", "Image-quality protocol(s):", *[f"- {md(p)}" for p in protocols]]
+    for heading, path in figures.items():
+        lines += ["", f"## {heading}", "", f"![{heading}]({path.relative_to(out).as_posix()})"]
+    if grids:
+        lines += ["", "## Last sample grids", ""]
+        for name, paths in grids.items():
+            lines.append(f"**{md(name)}**: " + " ".join(f"![{md(name)}]({p.relative_to(out).as_posix()})" for p in paths))
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; white-space: nowrap; }
+th { background: #f0f0f0; } td:nth-child(-n+4) { text-align: left; }
+figure { display: inline-block; margin: 0.5em 1em 0.5em 0; vertical-align: top; }
+figcaption { font-size: 0.85em; color: #555; }
+img.grid { image-rendering: pixelated; width: 256px; border: 1px solid #ccc; }
+#status { font-size: 0.8em; color: #a00; }
+"""
+
+# Marks the page for automated checks (and tells a reader): every image decoded, or which did not.
+_CHECK = """
+window.feddiffErrors = [];
+window.addEventListener('error', e => { window.feddiffErrors.push(String(e.message || e)); });
+window.addEventListener('load', () => {
+  const bad = [...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt || '?');
+  const errs = window.feddiffErrors;
+  const status = errs.length ? 'script error: ' + errs.join('; ') : bad.length ? 'missing image: ' + bad.join(', ') : 'ok';
+  document.body.dataset.status = status;
+  document.getElementById('status').textContent = status === 'ok' ? '' : status;
+});
+"""
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _html(title: str, rows: list[dict[str, Any]], figures: dict[str, Path], grids: dict[str, list[Path]]) -> str:
+    e = html.escape
+    cols, cells = table_cells(rows)
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>",
+             f"<style>{_CSS}</style><script>{_CHECK}</script></head><body>",
+             f"<h1>{e(title)}</h1><p id='status'></p>",
+             f"<p>{len(rows)} run(s); every number is read from the runs' <code>metrics.jsonl</code>.</p>",
+             "<div style='overflow-x:auto'><table><thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr></thead><tbody>"]
+    parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in cells]
+    parts.append("</tbody></table></div>")
+    protocols = sorted({r["protocol"] for r in rows if r.get("protocol")})
+    if protocols:
+        parts.append("<p>Image-quality protocol(s):</p><ul>" + "".join(f"<li>{e(p)}</li>" for p in protocols) + "</ul>")
+    for heading, path in figures.items():
+        parts.append(f"<h2>{e(heading)}</h2><img alt='{e(heading)}' src='{_data_uri(path)}'>")
+    if grids:
+        parts.append("<h2>Last sample grids</h2>")
+        for name, paths in grids.items():
+            for p in paths:
+                caption = name + (f" ({p.stem.split('-')[-1]})" if len(paths) > 1 else "")
+                parts.append(f"<figure><img class='grid' alt='{e(caption)}' src='{_data_uri(p)}'>"
+                             f"<figcaption>{e(caption)}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+_OWN = ("report.html", "report.md", "summary.json", "figures", "grids")
+
+
+def _prepare(out: Path) -> None:
+    """Make ``out`` ready: new or empty, or an earlier report (whose images are removed, so that
+    those of runs no longer in it do not linger). A folder holding anything else is refused."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file; give a folder for the report")
+    if out.is_dir():
+        names = sorted(p.name for p in out.iterdir())
+        foreign = [n for n in names if n not in _OWN]
+        if foreign or (names and "summary.json" not in names):
+            raise RunError(f"--out {out} already holds files that are not a feddiff report (e.g. "
+                           f"{(foreign or names)[:3]}); choose a new or empty folder")
+        for sub in ("figures", "grids"):
+            for png in (out / sub).glob("*.png") if (out / sub).is_dir() else ():
+                png.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def build_report(paths: list[str | Path], out: str | Path, title: str | None = None) -> Report:
+    """Read the runs in ``paths`` and write the report into ``out`` (created; earlier report files replaced)."""
+    out = Path(out)
+    found = find_runs(paths)
+    for p, _, _ in found:  # never write into a run folder: the report is beside the runs, not inside one
+        if out.resolve() == p.resolve() or p.resolve() in out.resolve().parents:
+            raise RunError(f"--out {out} is inside the run folder {p}; choose a folder outside the runs")
+    runs: list[RunData] = [load_run(p, name) for p, name, _ in found]
+    rows = compare([summarize_run(r) for r in runs], settings={name: s for _, name, s in found if s})
+    _prepare(out)
+    figures = all_figures(runs, out / "figures")
+    grids: dict[str, list[Path]] = {}
+    (out / "grids").mkdir(exist_ok=True)
+    for r in runs:
+        copied = []
+        for src in last_grid(r):
+            dst = out / "grids" / f"{_safe(r.name)}-{_safe(src.stem)}.png"
+            shutil.copyfile(src, dst)
+            copied.append(dst)
+        if copied:
+            grids[r.name] = copied
+    title = title or ("feddiff report: " + ", ".join(sorted({row["method"] for row in rows})))
+    report = Report(out / "report.html", out / "report.md", out / "summary.json", rows, figures, grids)
+    atomic_write_bytes(report.html, _html(title, rows, figures, grids).encode())
+    atomic_write_bytes(report.markdown, _markdown(title, rows, figures, grids, out).encode())
+    atomic_write_json(report.summary, rows)
+    return report
+
+
+__all__ = ["Report", "build_report", "find_runs", "table_cells"]

@@ -1,0 +1,227 @@
+"""Rows of a report: one flat dict per run folder, read from its files only (never retrained).
+
+``load_run`` reads a run folder (config, metrics, manifest, partition); ``summarize_run`` turns it
+into a flat row (method, dataset, partition, clients, rounds, final and best image-quality metric
+with its protocol, IS, KID, parameters, MACs, bytes per tier, wall time); ``compare`` adds each row's
+communication savings against the FedAvg (FULL) run with the same data split, clients and seed (and,
+among several, the one with the same other sweep settings).
+
+A run that is still training (or was stopped) is read as far as it got: ``status`` says
+``"running or stopped at round r of N"``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+from rich.table import Table
+
+from feddiff.runs import RunDir, RunError
+
+EVAL_LINK = "eval"  # the evaluation link's traffic is not training traffic (engines/loop.py EVAL_LINK)
+
+
+@dataclass
+class RunData:
+    """What a report reads of one run folder."""
+
+    path: Path
+    name: str
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    manifest: dict[str, Any]
+    partition: dict[str, Any]
+
+    @property
+    def evals(self) -> list[tuple[int, dict[str, Any]]]:
+        """(round, eval record) of every evaluated round, in order."""
+        return [(m["round"], m["eval"]) for m in self.metrics if "eval" in m]
+
+
+def load_run(path: str | Path, name: str | None = None) -> RunData:
+    """Read a run folder; a missing or damaged file other than config.json is read as empty."""
+    rd = RunDir.open(path)
+    try:
+        config = json.loads(rd.config_path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunError(f"{rd.config_path}: unreadable run config ({err})") from None
+
+    def optional(file: str) -> dict[str, Any]:
+        try:
+            return json.loads((rd.path / file).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    return RunData(rd.path, name or rd.path.name, config, rd.read_metrics(), optional("manifest.json"),
+                   optional("partition.json"))
+
+
+def metric_of(ev: dict[str, Any], key: str) -> float | None:
+    """An eval record's ``key`` for the global model, or the mean over personal models."""
+    v = ev.get(key, ev.get(f"{key}_mean"))
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def training_bytes(record: dict[str, Any]) -> dict[str, int]:
+    """Cumulative bytes per link (up + down) up to this record, without the evaluation link."""
+    return {link: int(d.get("up", 0) + d.get("down", 0)) for link, d in record.get("bytes_cumulative", {}).items()
+            if link != EVAL_LINK}
+
+
+def method_label(config: dict[str, Any]) -> str:
+    """The algorithm plus what wraps it: codecs and pruning (e.g. ``fedphd + prune 0.2@init + up int8``)."""
+    label = config["algorithm"]["name"]
+    prune = config.get("prune", {})
+    if prune.get("ratio", 0) > 0:
+        label += f" + prune {prune['ratio']:g}@{prune['at']}"
+    for direction in ("uplink", "downlink"):
+        c = config.get("compress", {}).get(direction, {})
+        if c.get("codec", "identity") != "identity":
+            label += f" + {direction[:-4]} {c['codec']}" + (" EF" if c.get("error_feedback") else "")
+    return label
+
+
+def protocol_label(ev: dict[str, Any]) -> str:
+    """How the image-quality metric was measured, in one line (metric, samples, sampler, reference)."""
+    p = ev.get("protocol") or {}
+    if not p:
+        return ev.get("label", "")
+    ref = p.get("reference", "?") + (f" ({p['reference_size']})" if "reference_size" in p else "")
+    return (f"{p.get('metric', ev.get('label', 'FD'))}: {p.get('num_generated', '?')} generated, "
+            f"{p.get('sampler', '?')} {p.get('steps', '?')} steps vs {ref}")
+
+
+def split_label(part: dict[str, Any]) -> str:
+    return {"iid": "iid", "dirichlet": f"label-skew({part.get('alpha')})",
+            "quantity": f"quantity-skew({part.get('alpha')})",
+            "pathological": f"{part.get('classes_per_client')}-class"}.get(part["method"], part["method"])
+
+
+def last_grid(run: RunData) -> list[Path]:
+    """The newest sample grid(s) of a run: the global model's, or each personal model's."""
+    for _, ev in reversed(run.evals):
+        models = ev.get("models")
+        evs = list(models.values()) if isinstance(models, dict) else [ev]
+        paths = [run.path / (e.get("final_grid") or e.get("grid")) for e in evs if e.get("final_grid") or e.get("grid")]
+        paths = [p for p in paths if p.is_file()]
+        if paths:
+            return paths
+    return []
+
+
+def summarize_run(path: str | Path | RunData, name: str | None = None) -> dict[str, Any]:
+    """One flat row describing a finished (or partial) run."""
+    run = path if isinstance(path, RunData) else load_run(path, name)
+    cfg, metrics = run.config, run.metrics
+    last = metrics[-1] if metrics else {}
+    evals = run.evals
+    ev = evals[-1][1] if evals else {}
+    part = cfg["partition"]
+    planned = cfg["run"]["num_rounds"]
+    done = last.get("round", 0)
+    tiers = training_bytes(last)
+    row: dict[str, Any] = {
+        "name": run.name,
+        "algorithm": cfg["algorithm"]["name"],
+        "method": method_label(cfg),
+        "dataset": f"{cfg['data']['dataset']} {cfg['data']['image_size']}px",
+        "split": split_label(part),
+        "clients": part["num_clients"],
+        "seed": cfg["run"]["seed"],
+        "rounds": done,
+        "num_rounds": planned,
+        "status": "finished" if done >= planned else f"running or stopped at round {done} of {planned}",
+        "engine": run.manifest.get("engine", "simulator"),
+        "train_loss": last.get("loss"),
+        # training traffic: every link but the evaluation's
+        "bytes_total": sum(tiers.values()),
+        "bytes_tiers": tiers,
+        "bytes": last.get("bytes_cumulative", {}),
+        "wall_s": last.get("elapsed_s"),
+    }
+    cost = next((r["model_cost"] for r in reversed(metrics) if "model_cost" in r), None)
+    if cost is None:
+        cost = run.manifest.get("model")
+    if cost is not None:  # the final architecture's size (pruned runs record it again when it changes)
+        row["parameters"], row["macs"] = cost["parameters"], cost["macs"]
+    for key in ("heldout_loss", "fd", "kid_mean", "is_mean"):
+        if key in ev:
+            row[key] = ev[key]
+        if f"{key}_mean" in ev:  # personal models: mean and spread over clients
+            row[key] = ev[f"{key}_mean"]
+            row[f"{key}_std"] = ev[f"{key}_std"]
+    if "label" in ev:
+        row["fd_label"] = ev["label"]
+        row["protocol"] = protocol_label(ev)
+    scored = [(rnd, metric_of(e, "fd")) for rnd, e in evals if metric_of(e, "fd") is not None]
+    if scored:
+        best_round, best = min(scored, key=lambda t: t[1])
+        row["fd_best"], row["fd_best_round"] = best, best_round
+    return row
+
+
+def compare(rows: list[dict[str, Any]], baseline: str = "fedavg",
+            settings: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Add ``savings`` = 1 - bytes / bytes of the baseline run with the same split, clients, seed, and
+    ``baseline`` = that run's name.
+
+    When a group holds several baseline runs (a grid over, say, ``train.lr``), the baseline of a row is
+    the one whose ``settings`` (row name -> ``{dotted key: value}``, e.g. a sweep point's overrides)
+    match the row's on every key outside ``algorithm.*`` (a key set on one side only is a mismatch);
+    failing an exact match, the one matching on the most such keys, the first in row order on a tie
+    (without ``settings``: the group's first).
+    """
+    settings = settings or {}
+    unset = object()
+
+    def same(r: dict[str, Any], b: dict[str, Any]) -> int:  # keys on which b's settings match r's
+        mine, theirs = settings.get(r["name"], {}), settings.get(b["name"], {})
+        keys = {k for k in (*mine, *theirs) if not k.startswith("algorithm.")}
+        return sum(mine.get(k, unset) == theirs.get(k, unset) for k in keys)
+
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["algorithm"] == baseline:
+            groups.setdefault((r["split"], r["clients"], r["seed"]), []).append(r)
+    for r in rows:
+        candidates = groups.get((r["split"], r["clients"], r["seed"]), [])
+        if not candidates:
+            continue
+        b = max(candidates, key=lambda c: same(r, c))  # max keeps the first of equals
+        if b["bytes_total"]:
+            r["savings"] = 1 - r["bytes_total"] / b["bytes_total"]
+            r["baseline"] = b["name"]
+    return rows
+
+
+def _fmt(v: Any, spec: str = ".4f") -> str:
+    if v is None:
+        return "-"
+    return format(v, spec) if isinstance(v, float) else str(v)
+
+
+def table(rows: Iterable[dict[str, Any]], title: str) -> Table:
+    rows = list(rows)
+    t = Table(title=title)
+    fd_label = next((r["fd_label"] for r in rows if "fd_label" in r), "FD")
+    cols = ["point", "algorithm", "split", "clients", "rounds", "heldout loss", fd_label, "MB total",
+            "savings vs FULL"]
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("point", "algorithm", "split") else "right")
+    for r in rows:
+        def pm(key: str, spec: str) -> str:
+            if key not in r:
+                return "-"
+            s = _fmt(r[key], spec)
+            return s + (f" ± {_fmt(r[key + '_std'], spec)}" if f"{key}_std" in r else "")
+
+        t.add_row(escape(r["name"]), r["algorithm"], r["split"], str(r["clients"]), str(r["rounds"]),
+                  pm("heldout_loss", ".4f"), pm("fd", ".2f"), f"{r['bytes_total'] / 1e6:.1f}",
+                  f"{100 * r['savings']:.1f}%" if "savings" in r else "-")
+    return t
