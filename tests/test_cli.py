@@ -249,3 +249,50 @@ def test_resume_removes_temp_files_a_killed_run_left(tmp_path, fmnist_dir, capsy
     assert main(["run", "--resume", str(rd), "--set", "run.num_rounds=2"]) == 0
     assert not stale.exists() and mine.exists()
     assert "removed checkpoints/.round-00002.safetensors.tmp-99999999" in capsys.readouterr().out
+
+
+def test_resume_before_any_checkpoint_prints_the_command_that_starts_it_again(tmp_path, fmnist_dir, capsys):
+    cfg = write_config(tmp_path, fmnist_dir, rounds=1, steps=1)
+    out = tmp_path / "runs"
+    assert main(["run", str(cfg), "--out", str(out)]) == 0
+    rd = only_run(out)
+    first = RunDir.open(rd).load_checkpoint(RunDir.open(rd).checkpoints()[-1][1])[1]
+    for p in (rd / "checkpoints").iterdir():  # as if killed before its first checkpoint
+        p.unlink()
+    capsys.readouterr()
+    assert main(["run", "--resume", str(rd)]) == 2
+    err = capsys.readouterr().err
+    assert "has no checkpoint: it stopped before its first one was saved" in err
+    command = err.split("Start it again (in a new run folder) with:\n")[1].split()
+    assert command == ["feddiff", "run", str(rd / "config.json")]
+    assert main([*command[1:], "--out", str(tmp_path / "again")]) == 0  # the printed command works
+    again = only_run(tmp_path / "again")
+    redone = RunDir.open(again).load_checkpoint(RunDir.open(again).checkpoints()[-1][1])[1]
+    assert redone.keys() == first.keys() and all(torch.equal(redone[k], first[k]) for k in first)
+
+
+def test_an_empty_config_file_warns_and_names_what_runs(tmp_path, capsys):
+    empty = tmp_path / "empty.toml"
+    empty.write_text("# nothing here yet\n")
+    assert main(["config", str(empty)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {empty} sets nothing, so every setting takes its default: fashion-mnist")
+    assert "10 rounds" in err and "feddiff config" in err
+
+
+def test_sample_falls_back_to_the_checkpoint_when_the_export_is_damaged(tmp_path, fmnist_dir, capsys):
+    cfg = write_config(tmp_path, fmnist_dir, rounds=1, steps=1)
+    out = tmp_path / "runs"
+    assert main(["run", str(cfg), "--out", str(out)]) == 0
+    rd = only_run(out)
+    args = ["--num", "2", "--steps", "2", "--seed", "5"]
+    assert main(["sample", str(rd), *args, "--out", str(tmp_path / "a.png")]) == 0
+    weights = rd / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])  # a copy cut short
+    capsys.readouterr()
+    assert main(["sample", str(rd), *args, "--out", str(tmp_path / "b.png")]) == 0
+    io = capsys.readouterr()
+    assert f"the exported model {rd / 'model' / 'unet'} is damaged" in io.err
+    assert "from checkpoint after round 1" in io.out
+    # the last checkpoint holds the exported weights: the same images
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()

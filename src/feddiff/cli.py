@@ -178,7 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one plain line for people (FEDDIFF_DEBUG=1 keeps Python's, with file and line)."""
+    print(f"warning: {message}", file=file or sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    with warnings.catch_warnings():  # restored on return: main() is also called as a function
+        if not os.environ.get("FEDDIFF_DEBUG"):
+            warnings.showwarning = _show_warning
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("model-info", "prune") and args.channels is None:
         args.channels = 3 if args.preset == "cifar10-ddpm" else 1

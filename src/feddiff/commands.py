@@ -67,7 +67,12 @@ def _sampling_model(run_dir: RunDir, cfg, client: int | None):
                           f"{cfg.algorithm.name!r}, which trains one global model")
     folder = run_dir.model_path if client is None else run_dir.path / "models" / client_node(client)
     if (folder / "unet").is_dir():
-        return load_unet(folder / "unet"), str(folder)
+        try:
+            return load_unet(folder / "unet"), str(folder)
+        except Exception as err:  # noqa: BLE001 - diffusers and safetensors raise many kinds for a bad file
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"warning: the exported model {folder / 'unet'} is damaged ({reason[:200]}); sampling from the "
+                  "newest readable checkpoint instead", file=sys.stderr)
     if client is None and strategy.personalized:
         have = exported or "the checkpoint's clients"
         raise RunError(f"{run_dir.path} is a {cfg.algorithm.name} run with one model per client ({have}); "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -434,14 +435,32 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """A config file's tables, unvalidated; ``run.name`` defaults to the file's stem."""
+    """A config file's tables, unvalidated; ``run.name`` defaults to the file's stem.
+
+    A ``.json`` file is read as a run folder's ``config.json`` (the resolved config of a run).
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
+    if p.suffix == ".json":  # a run folder's resolved config.json: the same run, started again
+        try:
+            raw = json.loads(p.read_text())
+        except ValueError as err:
+            raise ConfigError(f"{p}: not valid JSON: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: a JSON config must be an object of sections, got {type(raw).__name__}")
+        return raw
     try:
         raw = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{p}: not valid TOML: {err}") from None
+    if not raw:
+        d = Config()
+        warnings.warn(f"{p} sets nothing, so every setting takes its default: {d.data.dataset} "
+                      f"({'all train images' if not d.data.max_train_samples else d.data.max_train_samples}), "
+                      f"{d.partition.method} split over {d.partition.num_clients} clients, {d.algorithm.name}, "
+                      f"the {d.model.preset} U-Net, {d.run.num_rounds} rounds. `feddiff config` lists the "
+                      "defaults; configs/smoke.toml is a run of seconds", UserWarning, stacklevel=2)
     if not raw.get("run", {}).get("name"):
         raw.setdefault("run", {})["name"] = p.stem
     return raw

@@ -19,12 +19,14 @@ import json
 import os
 import re
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
+from feddiff.compress.crc import crc32_of
 from feddiff.types import StateDict
 
 _CKPT = re.compile(r"round-(\d+)\.safetensors$")
@@ -181,16 +183,49 @@ class RunDir:
         # safetensors sorts tensors by name; the order is kept so a resumed run sends identical messages
         blob = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                        metadata={"round": str(rnd), "state": json.dumps(state), "order": json.dumps(list(tensors))})
+        # Beside it: the file's size and CRC-32 (verified on load), with the round state again for people
+        # and tools (the copy inside the .safetensors is what resumes). Written first, so a checkpoint
+        # file never exists without its checksum; a kill between the two leaves only the JSON, which
+        # is no checkpoint and is overwritten when that round is saved again.
+        atomic_write_json(path.with_suffix(".json"), {"round": rnd, "file_bytes": len(blob),
+                                                      "file_crc32": crc32_of([blob]), **state})
         atomic_write_bytes(path, blob)
-        # the round state again, for people and tools; the copy inside the .safetensors is what resumes
-        atomic_write_json(path.with_suffix(".json"), {"round": rnd, **state})
         for _, old in self.checkpoints()[:-keep]:
             old.unlink(missing_ok=True)
             old.with_suffix(".json").unlink(missing_ok=True)
         return path
 
+    def verify_checkpoint(self, path: Path) -> None:
+        """Check a checkpoint file against the size and CRC-32 stored beside it; raises :class:`RunError`.
+
+        A checkpoint without the JSON beside it (written by feddiff before checksums) passes unverified.
+        """
+        side = path.with_suffix(".json")
+        if not side.exists():
+            return
+        try:
+            meta = json.loads(side.read_text())
+            size, crc = meta.get("file_bytes"), meta.get("file_crc32")
+        except (OSError, ValueError, AttributeError) as err:
+            raise RunError(f"checkpoint {path} cannot be verified: its checksum file {side.name} is damaged "
+                           f"({err})") from None
+        if size is None or crc is None:
+            return  # an older feddiff's JSON: no checksum was stored
+        actual = path.stat().st_size
+        if actual != size:
+            raise RunError(f"checkpoint {path} is damaged: {actual} bytes, but {size} were written "
+                           f"(size and checksum in {side.name})")
+        got = 0
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                got = zlib.crc32(chunk, got)
+        if got != crc:
+            raise RunError(f"checkpoint {path} is damaged: its contents do not match the CRC-32 written beside "
+                           f"it in {side.name} ({got:08x} != {crc:08x})")
+
     def load_checkpoint(self, path: Path) -> tuple[int, StateDict, dict[str, Any]]:
-        """(round, tensors, state) of one checkpoint file."""
+        """(round, tensors, state) of one checkpoint file, verified against its checksum first."""
+        self.verify_checkpoint(path)
         try:
             with safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata()

@@ -103,7 +103,7 @@ def test_resume_sets_a_damaged_checkpoint_aside_and_falls_back(make_config, caps
     newest.write_bytes(newest.read_bytes()[:1000])  # a disk that lost the file's tail
     resume(rd.path)
     err = capsys.readouterr().err
-    assert "round-00002.safetensors is unreadable" in err and "resuming from round 1" in err
+    assert "round-00002.safetensors is damaged: 1000 bytes, but" in err and "resuming from round 1" in err
     assert (rd.path / "checkpoints" / "round-00002.safetensors.damaged").stat().st_size == 1000
     resumed = final_weights(rd)  # round 2 redone from round 1 gives the uninterrupted weights
     assert all(torch.equal(full[k], resumed[k]) for k in full)
@@ -111,6 +111,28 @@ def test_resume_sets_a_damaged_checkpoint_aside_and_falls_back(make_config, caps
         path.write_bytes(b"garbage")
     with pytest.raises(RunError, match=r"no readable checkpoint to resume from\n  checkpoint .*round-00002"):
         resume(rd.path)
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_caught_by_its_checksum(make_config, capsys):
+    full = final_weights(run(make_config()))
+    rd = run(make_config(run={"checkpoint_every": 1}))
+    newest = rd.path / "checkpoints" / "round-00002.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-5] ^= 0x01  # one bit of one weight: safetensors alone would load it
+    newest.write_bytes(bytes(data))
+    side = json.loads(newest.with_suffix(".json").read_text())
+    assert side["file_bytes"] == len(data) and side["round"] == 2
+    resume(rd.path)
+    err = capsys.readouterr().err
+    assert "round-00002.safetensors is damaged: its contents do not match the CRC-32" in err
+    assert "resuming from round 1" in err and (rd.path / "checkpoints" / "round-00002.safetensors.damaged").exists()
+    resumed = final_weights(rd)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    # a damaged checksum file makes its checkpoint unverifiable: passed over as well, named
+    side_path = rd.path / "checkpoints" / "round-00002.json"
+    side_path.write_text("{not json")
+    with pytest.raises(RunError, match=r"round-00002.json is damaged"):
+        rd.verify_checkpoint(rd.path / "checkpoints" / "round-00002.safetensors")
 
 
 def test_exported_model_loads_in_ddpm_pipeline(make_config):

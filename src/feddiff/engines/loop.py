@@ -488,8 +488,13 @@ def load_checkpoint(run_dir: RunDir, rnd: int | None, set_aside: bool) -> tuple[
         damaged: list[tuple[Path, str]] = []
         found = run_dir.latest_checkpoint(damaged)
         if found is None:
+            if not damaged:
+                raise RunError(f"{run_dir.path} has no checkpoint: it stopped before its first one was saved, so "
+                               f"nothing of it can be resumed. Start it again (in a new run folder) with:\n"
+                               f"  feddiff run {run_dir.config_path}")
             why = "".join(f"\n  {reason}" for _, reason in damaged)
-            raise RunError(f"{run_dir.path} has no readable checkpoint to resume from{why}")
+            raise RunError(f"{run_dir.path} has no readable checkpoint to resume from{why}\nStart it again "
+                           f"(in a new run folder) with:\n  feddiff run {run_dir.config_path}")
         for path, reason in damaged:
             if set_aside:
                 kept = run_dir.set_aside(path)
