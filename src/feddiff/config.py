@@ -419,10 +419,11 @@ def _format_errors(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown key (not a field of this section; see `feddiff config`)"
         got = e.get("input")
-        shown = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
+        # a section's or the whole config's own rule names its keys itself: no dump of the tables
+        shown = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
         if loc == "algorithm" and msg.startswith("unknown algorithm"):  # the message names the value already
             loc, shown, msg = "algorithm.name", "", msg.replace(" (algorithm.name)", "")
-        lines.append(f"  {loc or '<root>'}: {msg}{shown}")
+        lines.append(f"  {loc or 'config'}: {msg}{shown}")
     return "\n".join(lines)
 
 

@@ -23,6 +23,26 @@ def test_idx_truncated_names_path(tmp_path):
         read_idx(p)
 
 
+def test_idx_bad_magic_names_path(tmp_path):
+    p = tmp_path / "train-images-idx3-ubyte"
+    write_idx(p, np.zeros((4, 28, 28), np.uint8))
+    p.write_bytes(b"\x00\x00\x0d\x03" + p.read_bytes()[4:])  # 0x0D: float data, not unsigned bytes
+    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte: not an unsigned-byte IDX file \(bad magic 00000d03\)"):
+        read_idx(p)
+
+
+@pytest.mark.parametrize("images, labels, match", [
+    (np.zeros((5, 28, 28), np.uint8), np.zeros(4, np.uint8), r"images \(5, 28, 28\) and labels \(4,\) do not match"),
+    (np.zeros((4, 32, 32), np.uint8), np.zeros(4, np.uint8), r"images are 32x32 pixels; Fashion-MNIST's are 28x28"),
+])
+def test_fashion_mnist_count_and_size_mismatch(tmp_path, images, labels, match):
+    for split, n in (("train", images), ("t10k", images)):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", n)
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels)
+    with pytest.raises(DatasetError, match=match):
+        load_fashion_mnist(str(tmp_path), "train")
+
+
 def test_fashion_mnist_reader(fmnist_dir):
     d = load_fashion_mnist(str(fmnist_dir), "train")
     assert d.images.shape == (400, 1, 28, 28) and d.images.dtype == torch.uint8

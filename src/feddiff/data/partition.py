@@ -34,7 +34,9 @@ def _check(num_samples: int, num_clients: int, min_samples: int = 1) -> None:
         raise PartitionError(f"num_clients must be >= 1, got {num_clients}")
     if num_samples < num_clients * min_samples:
         raise PartitionError(
-            f"{num_samples} samples cannot give {num_clients} clients at least {min_samples} each"
+            f"{num_samples} samples cannot give {num_clients} clients at least {min_samples} each: lower "
+            f"partition.num_clients (at most {num_samples // max(min_samples, 1)} here) or partition.min_samples, "
+            "or use more data (data.max_train_samples)"
         )
 
 

@@ -125,6 +125,9 @@ def load_fashion_mnist(root: str, split: str, size: int | None = None) -> ImageD
         raise DatasetError(
             f"fashion-mnist in {base}: images {images.shape} and labels {labels.shape} do not match"
         )
+    if images.shape[1:] != (28, 28):
+        raise DatasetError(f"fashion-mnist in {base}: images are {images.shape[1]}x{images.shape[2]} pixels; "
+                           "Fashion-MNIST's are 28x28 (is this another dataset's file?)")
     _check_labels(labels_path, labels, len(FASHION_MNIST_CLASSES))
     return ImageData(
         "fashion-mnist", split, torch.from_numpy(images.copy()).unsqueeze(1),
