@@ -55,9 +55,13 @@ data:
 	  fi; \
 	fi
 
-# Headless Chromium renders a test report (tests marked `browser`); best effort: without it those tests skip.
-browser:
-	@if ! command -v chromium >/dev/null; then \
+# Headless Chromium renders a test report (tests marked `browser`); best effort, tried once per venv:
+# without it those tests skip.
+BROWSER_STAMP := $(VENV)/.feddiff-browser-tried
+browser: $(BROWSER_STAMP)
+
+$(BROWSER_STAMP): | setup
+	@if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get install -y -q chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium >/dev/null; } \
 	      || echo "note: chromium could not be installed; the report's browser check will be skipped"; \
@@ -65,6 +69,7 @@ browser:
 	    echo "note: no chromium; the report's browser check will be skipped (sudo apt-get install chromium)"; \
 	  fi; \
 	fi
+	@touch $@
 
 bench-quick: setup data
 	@for b in bench/*.py; do echo "== $$b"; $(VPY) $$b --quick || exit 1; done

@@ -149,13 +149,35 @@ def test_tensorboard_scalars_equal_metrics(make_config):
     assert sent == [sum(sum(d.values()) for d in m["bytes_cumulative"].values()) for m in ms]
 
 
-def test_tensorboard_missing_is_a_config_error(monkeypatch, make_config):
+def test_tensorboard_missing_stops_the_run_before_training_and_resume_can_turn_it_off(monkeypatch, make_config):
     from feddiff.config import ConfigError
     from feddiff.engines import tensorboard
+    from feddiff.engines.runner import resume
 
-    monkeypatch.setattr(tensorboard, "available", lambda: False)
-    with pytest.raises((ConfigError, ValueError), match="needs the tensorboard package"):
-        make_config(run={"tensorboard": True})
+    rd = run(make_config(run={"tensorboard": True, "num_rounds": 1}))
+    monkeypatch.setattr(tensorboard, "available", lambda: False)  # a machine without the package
+    with pytest.raises(ConfigError, match="needs the tensorboard package"):
+        run(make_config(run={"tensorboard": True, "name": "again"}))
+    again = [p for p in rd.path.parent.iterdir() if p.name.startswith("again")]
+    assert len(again) == 1 and not (again[0] / "metrics.jsonl").exists()  # refused before round 1
+    with pytest.raises(ConfigError, match="needs the tensorboard package"):
+        resume(rd.path, ["run.num_rounds=2"])
+    resume(rd.path, ["run.num_rounds=2", "run.tensorboard=false"])  # the way out the message names
+    assert [m["round"] for m in metrics(rd.path)] == [1, 2]
+
+
+def test_tensorboard_resume_continues_the_steps(make_config):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from feddiff.engines.runner import resume
+
+    rd = run(make_config(run={"tensorboard": True, "num_rounds": 2}))
+    resume(rd.path, ["run.num_rounds=3"])
+    acc = EventAccumulator(str(rd.path / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
+    assert [e.value for e in acc.Scalars("train/loss")] == [pytest.approx(m["loss"], rel=1e-6) for m in metrics(rd.path)]
 
 
 @pytest.mark.browser

@@ -40,6 +40,15 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
+def _after_fork_in_child() -> None:
+    """A forked child has none of the parent's worker threads (nor a sane lock): start afresh."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _apply(op: tuple[int, ...], x: int) -> int:
     out, i = 0, 0
     while x:
@@ -109,6 +118,9 @@ class _Done:
     def result(self) -> int:
         return self._value
 
+    def cancel(self) -> None:
+        pass
+
 
 class _Joined:
     """The CRC of all chunks, joined in order once every chunk's task has finished."""
@@ -118,20 +130,42 @@ class _Joined:
 
     def result(self) -> int:
         crc = 0
-        for i, f in enumerate(self._futures):
-            c, n = f.result()
-            crc = c if i == 0 else combine(crc, c, n)
+        try:
+            for i, f in enumerate(self._futures):
+                c, n = f.result()
+                crc = c if i == 0 else combine(crc, c, n)
+        except BaseException:
+            self.cancel()
+            raise
         return crc
+
+    def cancel(self) -> None:
+        """Drop the chunks not started and wait for the running ones (they read the caller's buffer)."""
+        for f in self._futures:
+            f.cancel()
+        for f in self._futures:
+            if not f.cancelled():
+                try:
+                    f.result()
+                except BaseException:  # noqa: BLE001 - only waiting here; the caller has its own error
+                    pass
 
 
 def crc32_async(buffers: list) -> _Done | _Joined:
     """Start the CRC-32 of the concatenation of ``buffers``; ``.result()`` waits and returns it."""
-    views = [memoryview(b).cast("B") for b in buffers]
+    views = [v.cast("B") for v in map(memoryview, buffers) if v.nbytes]  # (empty ones may not cast)
     total = sum(len(v) for v in views)
     if total < PARALLEL_MIN or threads() == 1:
         return _Done(_crc_run(views)[0])
-    pool = _executor()
-    return _Joined([pool.submit(_crc_run, run) for run in _chunks(views, CHUNK)])
+    futures: list[Future] = []
+    try:
+        pool = _executor()
+        for run in _chunks(views, CHUNK):
+            futures.append(pool.submit(_crc_run, run))
+    except RuntimeError:  # no new threads at interpreter shutdown: check it here
+        _Joined(futures).cancel()
+        return _Done(_crc_run(views)[0])
+    return _Joined(futures)
 
 
 def crc32_of(buffers: list) -> int:

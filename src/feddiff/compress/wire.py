@@ -115,6 +115,9 @@ def unpack_frame(blob: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         result = _read_frame(view)
     except MessageError as err:
         result = err
+    except BaseException:  # MemoryError, KeyboardInterrupt: stop the checksum reading the caller's buffer
+        crc.cancel()
+        raise
     if crc.result() != int.from_bytes(view[4:8], "little"):
         raise MessageError(f"message checksum mismatch ({len(view)} bytes): truncated or corrupted")
     if isinstance(result, MessageError):

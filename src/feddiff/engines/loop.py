@@ -126,6 +126,7 @@ class Server:
         self.cfg = exp.cfg
         self.strategy = exp.strategy
         self.run_dir = run_dir
+        self.scalars: ScalarWriter | None = None  # TensorBoard (run.tensorboard), made when the run starts
         self.evaluator = evaluator
         self.ledger = Ledger()
         self.link = ServerLink(exp.links, self.cfg.run.seed, self.ledger.record)
@@ -290,18 +291,17 @@ class Server:
             warnings.warn(f"prune.at = {p.at} is not before the last round (run.num_rounds = {num_rounds}): these "
                           "rounds train the dense model with the sparsity regulariser and never prune it (a resume "
                           "with a larger run.num_rounds will)", stacklevel=2)
-        scalars = ScalarWriter(self.run_dir.path, self.start_round) if cfg.run.tensorboard else None
         try:
+            # checked before any training: a missing tensorboard package is a clear error, not a late one
+            self.scalars = ScalarWriter(self.run_dir.path, self.start_round) if cfg.run.tensorboard else None
             self.setup(engine, reference)
             for rnd in range(self.start_round, num_rounds):
                 record = self._round(rnd, engine, progress, last=rnd + 1 == num_rounds)
                 progress.end_round(rnd, round_line(record, num_rounds), live_status(record))
-                if scalars:
-                    scalars.add(record)
         finally:
             progress.close()
-            if scalars:
-                scalars.close()
+            if self.scalars:
+                self.scalars.close()
         progress.message(f"run folder: {self.run_dir.path}")
         return self.run_dir
 
@@ -343,6 +343,8 @@ class Server:
         if cost is not None:
             record["model_cost"] = cost
         self.run_dir.append_metrics(record)
+        if self.scalars:  # with metrics.jsonl, before the checkpoint: a resume after it redoes neither
+            self.scalars.add(record)
         every_ckpt = cfg.run.checkpoint_every
         if last or (every_ckpt and (rnd + 1) % every_ckpt == 0):
             self.checkpoint(rnd + 1, engine)

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 EVAL_KEYS = ("fd", "heldout_loss", "kid_mean", "is_mean")
-MISSING = ("run.tensorboard = true needs the tensorboard package, which is not installed; install it with "
-           "pip install 'feddiff[tensorboard]' (or set run.tensorboard = false)")
+MISSING = ("run.tensorboard = true needs the tensorboard package, which is not installed here; install it with "
+           "pip install 'feddiff[tensorboard]' (or --set run.tensorboard=false, also on --resume)")
 
 
 def available() -> bool:
@@ -50,7 +50,9 @@ class ScalarWriter:
 
     def __init__(self, run_path: Path, start_round: int):
         if not available():
-            raise RuntimeError(MISSING)
+            from feddiff.config import ConfigError
+
+            raise ConfigError(MISSING)
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: events of rounds after the checkpoint a resume starts from are dropped
