@@ -57,7 +57,8 @@ def test_table_numbers_are_the_runs_numbers(two_runs, tmp_path):
     # the same numbers, formatted, in the Markdown table and the HTML page
     cols, cells = table_cells(json.loads(rep.summary.read_text()))
     row_a = dict(zip(cols, cells[[r["name"] for r in json.loads(rep.summary.read_text())].index(a.name)]))
-    assert row_a["final FD-domain"] == f"{fds[-1]:.2f}" and row_a["MB total"] == f"{per_round / 1e6:.2f}"
+    assert row_a["final"] == f"{fds[-1]:.2f}" and row_a["MB total"] == f"{per_round / 1e6:.2f}"
+    assert row_a["metric [protocol]"] == "FD-domain [1]"  # both runs measured alike: one protocol
     assert row_a["savings vs FedAvg"] == "baseline"
     md, page = rep.markdown.read_text(), rep.html.read_text()
     for text in (f"{fds[-1]:.2f}", f"{min(fds):.2f} ({1 + fds.index(min(fds))})", f"{ev['fd_mean']:.2f} ± {ev['fd_std']:.2f}"):
@@ -89,8 +90,24 @@ def test_partial_run_and_refusals(two_runs, tmp_path):
     (partial / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:40])  # a line cut mid-write
     rep = build_report([partial], tmp_path / "rep")
     assert rep.rows[0]["rounds"] == 2 and rep.rows[0]["status"] == "running or stopped at round 2 of 3"
-    # re-running over the same folder replaces the report; another folder's files are never touched
-    build_report([partial], tmp_path / "rep")
+    # re-running over the same folder replaces the report; a build that fails leaves the old one whole
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "rep").rglob("*") if p.is_file()}
+    import feddiff.report.document as document
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    original = document._html
+    document._html = broken
+    try:
+        with pytest.raises(RuntimeError, match="disk full"):
+            build_report([partial, a], tmp_path / "rep")
+    finally:
+        document._html = original
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "rep").rglob("*") if p.is_file()}
+    assert after == before and not [p for p in tmp_path.iterdir() if ".building-" in p.name]
+    rep2 = build_report([partial, a], tmp_path / "rep")
+    assert len(rep2.rows) == 2 and len(json.loads((tmp_path / "rep" / "summary.json").read_text())) == 2
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("x")
     with pytest.raises(RunError, match=r"not a feddiff report.*thesis\.tex"):
@@ -178,6 +195,74 @@ def test_tensorboard_resume_continues_the_steps(make_config):
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
     assert [e.value for e in acc.Scalars("train/loss")] == [pytest.approx(m["loss"], rel=1e-6) for m in metrics(rd.path)]
+
+
+@pytest.fixture(scope="module")
+def more_runs(fmnist_dir, tmp_path_factory):
+    """FedAvg with int8 uploads, FedPhD (two tiers), and a run evaluated only by held-out loss."""
+    from tests.conftest import tiny_config
+
+    out = tmp_path_factory.mktemp("more")
+    q = run(tiny_config(fmnist_dir, out, run={"name": "avg-int8", "num_rounds": 3}, eval=EVAL,
+                        compress={"uplink": {"codec": "int8"}}))
+    h = run(tiny_config(fmnist_dir, out, run={"name": "phd"}, partition={"num_clients": 4},
+                        algorithm={"name": "fedphd", "num_edges": 2, "central_every": 1}, eval=EVAL))
+    plain = run(tiny_config(fmnist_dir, out, run={"name": "noeval", "num_rounds": 1}))
+    return q.path, h.path, plain.path
+
+
+def test_tiers_baselines_and_runs_without_fd(two_runs, more_runs, tmp_path):
+    a, _ = two_runs
+    q, h, plain = more_runs
+    rep = build_report([a, q, h, plain], tmp_path / "rep")
+    rows = {r["name"]: r for r in rep.rows}
+    # FedPhD: both tiers, each the sum of its per-round records plus the setup traffic
+    mh = metrics(h)
+    for tier in ("client-edge", "edge-cloud"):
+        by_hand = sum(sum(m["bytes"].get(tier, {}).values()) + sum(m.get("bytes_setup", {}).get(tier, {}).values())
+                      for m in mh)
+        assert rows[h.name]["bytes_tiers"][tier] == by_hand
+    cols, _ = table_cells(rep.rows)
+    assert {"MB client-edge", "MB edge-cloud", "MB client-server"} <= set(cols)
+    # a FedAvg run with an int8 codec is not the FedAvg baseline: the plain one is, for the run with
+    # as many rounds; the 2-round FedPhD has none (its bytes are not comparable with 3 rounds')
+    assert rows[q.name]["method"] == "fedavg + up int8" and rows[q.name]["baseline"] == a.name
+    assert rows[q.name]["savings"] == pytest.approx(1 - rows[q.name]["bytes_total"] / rows[a.name]["bytes_total"])
+    assert "savings" not in rows[h.name], rows[h.name]
+    assert rows[plain.name]["baseline"] == plain.name  # the only 1-round FedAvg is its own baseline
+    # no FD anywhere in the no-eval run: its row says so, and the report still has its figures
+    assert "fd" not in rows[plain.name] and rows[plain.name]["heldout_loss"] == metrics(plain)[-1]["eval"]["heldout_loss"]
+    assert "bytes_per_round.png" in {p.name for p in rep.figures.values()}
+
+
+def test_names_are_unique_escaped_and_never_math(two_runs, tmp_path):
+    a, _ = two_runs
+    for parent, name in (("s1", "same"), ("s2", "same"), ("s3", "cost $5 <i>x | *y*")):
+        shutil.copytree(a, tmp_path / "runs" / parent / name)
+    rep = build_report([tmp_path / "runs" / "s1" / "same", tmp_path / "runs" / "s2" / "same",
+                        tmp_path / "runs" / "s3" / "cost $5 <i>x | *y*"], tmp_path / "rep")
+    names = [r["name"] for r in rep.rows]
+    assert names == ["s1/same", "s2/same", "cost $5 <i>x | *y*"]
+    assert sum(len(v) for v in rep.grids.values()) == 3 and len({p.name for v in rep.grids.values() for p in v}) == 3
+    page, md = rep.html.read_text(), rep.markdown.read_text()
+    assert "<i>x" not in page and "cost $5 &lt;i&gt;x | *y*" in page
+    assert "<i>" not in md and r"cost $5 &lt;i&gt;x \| \*y\*" in md
+    assert all(line.count(" | ") == md.splitlines()[4].count(" | ") for line in md.splitlines()[6:9])
+
+
+def test_empty_sweep_and_folders_of_sweeps(two_runs, tmp_path):
+    a, _ = two_runs
+    empty = tmp_path / "sw"
+    empty.mkdir()
+    (empty / "sweep.json").write_text(json.dumps({"points": [{"name": "p1", "overrides": []}]}))
+    with pytest.raises(RunError, match="no started run"):
+        build_report([empty], tmp_path / "rep")
+    shutil.copytree(a, empty / "p1")  # the point has started: the folder of sweeps finds it
+    rep = build_report([tmp_path], tmp_path.parent / f"{tmp_path.name}-rep")
+    assert [r["name"] for r in rep.rows] == ["p1"]
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(RunError, match="is a file, not a run folder"):
+        build_report([tmp_path / "file.txt"], tmp_path / "rep2")
 
 
 @pytest.mark.browser

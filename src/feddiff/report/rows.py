@@ -138,6 +138,7 @@ def summarize_run(path: str | Path | RunData, name: str | None = None) -> dict[s
         "num_rounds": planned,
         "status": "finished" if done >= planned else f"running or stopped at round {done} of {planned}",
         "engine": run.manifest.get("engine", "simulator"),
+        "partition_hash": run.manifest.get("partition_hash") or run.partition.get("hash"),
         "train_loss": last.get("loss"),
         # training traffic: every link but the evaluation's
         "bytes_total": sum(tiers.values()),
@@ -159,7 +160,9 @@ def summarize_run(path: str | Path | RunData, name: str | None = None) -> dict[s
     if "label" in ev:
         row["fd_label"] = ev["label"]
         row["protocol"] = protocol_label(ev)
-    scored = [(rnd, metric_of(e, "fd")) for rnd, e in evals if metric_of(e, "fd") is not None]
+    # the best of the evaluations measured as the last one was (a resume may change eval.*)
+    scored = [(rnd, metric_of(e, "fd")) for rnd, e in evals
+              if metric_of(e, "fd") is not None and protocol_label(e) == row.get("protocol")]
     if scored:
         best_round, best = min(scored, key=lambda t: t[1])
         row["fd_best"], row["fd_best_round"] = best, best_round
@@ -168,14 +171,17 @@ def summarize_run(path: str | Path | RunData, name: str | None = None) -> dict[s
 
 def compare(rows: list[dict[str, Any]], baseline: str = "fedavg",
             settings: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Add ``savings`` = 1 - bytes / bytes of the baseline run with the same split, clients, seed, and
+    """Add ``savings`` = 1 - bytes / bytes of the baseline run trained on the same data, and
     ``baseline`` = that run's name.
 
-    When a group holds several baseline runs (a grid over, say, ``train.lr``), the baseline of a row is
-    the one whose ``settings`` (row name -> ``{dotted key: value}``, e.g. a sweep point's overrides)
-    match the row's on every key outside ``algorithm.*`` (a key set on one side only is a mismatch);
-    failing an exact match, the one matching on the most such keys, the first in row order on a tie
-    (without ``settings``: the group's first).
+    The baseline of a row is a run of the plain ``baseline`` method (no codec, no pruning: its
+    ``method`` is exactly ``baseline``) with the same dataset, split, partition (hash, when known),
+    clients and seed, that got as far (the same number of rounds; bytes of runs stopped at different
+    rounds are not comparable) and sent something. When a group holds several (a grid over, say,
+    ``train.lr``), it is the one whose ``settings`` (row name -> ``{dotted key: value}``, e.g. a sweep
+    point's overrides) match the row's on every key outside ``algorithm.*``; failing an exact match,
+    the one matching on the most such keys, the first in row order on a tie (without ``settings``: the
+    group's first). A row without a comparable baseline gets no ``savings``.
     """
     settings = settings or {}
     unset = object()
@@ -185,18 +191,20 @@ def compare(rows: list[dict[str, Any]], baseline: str = "fedavg",
         keys = {k for k in (*mine, *theirs) if not k.startswith("algorithm.")}
         return sum(mine.get(k, unset) == theirs.get(k, unset) for k in keys)
 
+    def group(r: dict[str, Any]) -> tuple[Any, ...]:
+        return (r.get("dataset"), r["split"], r.get("partition_hash"), r["clients"], r["seed"], r["rounds"])
+
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in rows:
-        if r["algorithm"] == baseline:
-            groups.setdefault((r["split"], r["clients"], r["seed"]), []).append(r)
+        if r.get("method", r["algorithm"]) == baseline and r["algorithm"] == baseline and r["bytes_total"] > 0:
+            groups.setdefault(group(r), []).append(r)
     for r in rows:
-        candidates = groups.get((r["split"], r["clients"], r["seed"]), [])
+        candidates = groups.get(group(r), [])
         if not candidates:
             continue
         b = max(candidates, key=lambda c: same(r, c))  # max keeps the first of equals
-        if b["bytes_total"]:
-            r["savings"] = 1 - r["bytes_total"] / b["bytes_total"]
-            r["baseline"] = b["name"]
+        r["savings"] = 1 - r["bytes_total"] / b["bytes_total"]
+        r["baseline"] = b["name"]
     return rows
 
 
