@@ -238,6 +238,41 @@ class PruneConfig(Section):
         return v
 
 
+class RobustConfig(Section):
+    """Defences against faulty or poisoned client updates, around any algorithm (``algorithms/robust.py``)."""
+
+    aggregation: Literal["mean", "median", "trimmed_mean"] = F(
+        "mean", "how replies are combined: mean = the algorithm's own (weighted); median = coordinate-wise "
+        "median; trimmed_mean = coordinate-wise mean without the trim share at each end (both unweighted, "
+        "per edge in a hierarchy)"
+    )
+    trim: float = F(0.1, "trimmed_mean: share of the values dropped at each end of every coordinate", ge=0, lt=0.5)
+    clip_norm: float = F(0.0, "clip each client's update (its reply minus what it was sent) to this L2 norm before "
+                              "aggregation; 0 = off", ge=0)
+    outlier_factor: float = F(0.0, "refuse a reply whose update norm exceeds this many times the median of its "
+                                   "group's (needs 3 or more replies in the group); 0 = off", ge=0)
+
+    @field_validator("outlier_factor")
+    @classmethod
+    def _above_one(cls, v: float) -> float:
+        if 0 < v <= 1:
+            raise ValueError(f"must be 0 (off) or above 1 (a factor of the median norm), got {v}")
+        return v
+
+
+class FaultsConfig(Section):
+    """When a round counts: its replies after validation and screening (engines/loop.py, both engines)."""
+
+    policy: Literal["quorum", "reject"] = F(
+        "quorum", "quorum = the round counts with at least min_replies usable replies; reject = only when every "
+        "selected client's reply is usable"
+    )
+    min_replies: int = F(1, "quorum: usable replies a round needs to count (capped at the clients selected)", ge=1)
+    retries: int = F(0, "a round that does not count asks the clients that failed again, this many times; then it "
+                        "is skipped: the model is unchanged and the clients that did reply go back to their state "
+                        "before the round", ge=0)
+
+
 class EvalConfig(Section):
     every_rounds: int = F(0, "evaluate every N rounds; 0 = only after the last round", ge=0)
     sampler: Literal["ddim", "ddpm"] = F("ddim", "sampler for sample grids")
@@ -290,6 +325,8 @@ class Config(Section):
                                                    validate_default=True)
     compress: CompressConfig = CompressConfig()
     prune: PruneConfig = PruneConfig()
+    robust: RobustConfig = RobustConfig()
+    faults: FaultsConfig = FaultsConfig()
     eval: EvalConfig = EvalConfig()
     sweep: SweepConfig = SweepConfig()
 

@@ -15,7 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from feddiff.config import ConfigError  # noqa: E402
 from feddiff.engines.flower import apps  # noqa: E402
-from feddiff.engines.flower.grid import HELLO, discover  # noqa: E402
+from feddiff.engines.flower.grid import HELLO, ROLLBACK, discover  # noqa: E402
 from feddiff.engines.flower.local import write_app  # noqa: E402
 from feddiff.engines.flower.node import decode_record, encode_record, node_identity  # noqa: E402
 from feddiff.engines.runner import run  # noqa: E402
@@ -44,6 +44,8 @@ class FakeGrid:
             error = None
             if m.metadata.message_type == HELLO:
                 content = apps.hello_answer(self.configs[node])
+            elif m.metadata.message_type == ROLLBACK:
+                content = apps.rollback_answer(m.content, self.states[node])
             elif self.fail(node, m.content) == "gone":  # an error the SuperLink makes: from its own node id
                 content, error = None, SimpleNamespace(code=5, reason="node unavailable")
                 node = 1
@@ -109,6 +111,23 @@ def test_flower_engine_gives_the_simulators_weights_and_bytes(make_config, tmp_p
     if "scaffold" in json.dumps(sections):
         rec = decode_record(grid.states[1000]["feddiff-record"]["record"])
         assert any(k.startswith("ef/") for k in rec.tensors) and any(k.startswith("scaffold/") for k in rec.tensors)
+
+
+def test_a_round_that_does_not_count_rolls_the_nodes_back(make_config, tmp_path, task_identity, monkeypatch):
+    monkeypatch.setenv("FEDDIFF_CACHE", str(tmp_path / "node-cache"))
+    cfg = make_config(run={"num_rounds": 3}, eval={"grid_size": 0, "loss_num_samples": 0},
+                      algorithm={"name": "scaffold"}, train={"optimizer": "sgd", "lr": 0.05}, faults={"min_replies": 2})
+    finals, states = [], []
+    for i, failing in enumerate(({999}, {999, 1000})):  # one node fails in round 2, or both
+        app = write_app(tmp_path / f"app{i}", cfg, tmp_path / f"run{i}") / "feddiff_flower_app" / "feddiff_run.json"
+        grid = FakeGrid(nodes(2), app, fail=lambda node, content, f=failing: node in f and content["feddiff"]["round"] == 1)
+        rd = RunDir.open(apps.server_main(grid, app))
+        finals.append(final_weights(rd))
+        states.append({n: bytes(grid.states[n]["feddiff-record"]["record"]) for n in (999, 1000)})
+        if i == 0:
+            assert rd.read_metrics()[1]["round_policy"]["counted"] is False
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+    assert states[0] == states[1]  # node 1000's round-2 update was undone on the node
 
 
 def test_a_node_that_fails_is_that_clients_failure(make_config, tmp_path, task_identity, monkeypatch):

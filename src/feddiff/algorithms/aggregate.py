@@ -55,3 +55,61 @@ def weighted_mean(states: Sequence[StateDict], weights: Sequence[float]) -> Stat
             acc.add_(s[k].to(acc.device), alpha=wi)
         out[k] = acc
     return out
+
+
+# -- robust statistics (algorithms/robust.py composes them around any strategy) -----------------
+
+
+def coordinate_median(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Coordinate-wise median of equally shaped tensors (Yin et al. 2018, https://arxiv.org/abs/1803.01498).
+
+    Unweighted; with an even count, the mean of the two middle values (not torch.median's lower one).
+    """
+    if not tensors:
+        raise AggregationError("median of no tensors")
+    stacked = torch.stack([t.to(torch.float64) for t in tensors])
+    ordered = stacked.sort(dim=0).values
+    n = len(tensors)
+    mid = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    return mid.to(tensors[0].dtype)
+
+
+def trimmed_mean(tensors: Sequence[torch.Tensor], trim: float) -> torch.Tensor:
+    """Coordinate-wise mean after dropping the ``floor(trim * n)`` lowest and highest values (unweighted)."""
+    if not tensors:
+        raise AggregationError("trimmed mean of no tensors")
+    if not 0 <= trim < 0.5:
+        raise AggregationError(f"trim must be in [0, 0.5), got {trim}")
+    n = len(tensors)
+    k = int(trim * n + 1e-9)
+    ordered = torch.stack([t.to(torch.float64) for t in tensors]).sort(dim=0).values
+    return ordered[k : n - k].mean(dim=0).to(tensors[0].dtype)
+
+
+def update_norm(state: StateDict, reference: StateDict) -> float:
+    """L2 norm of ``state - reference`` over the floating tensors both hold with the same shape."""
+    total = 0.0
+    for k, v in state.items():
+        r = reference.get(k)
+        if r is not None and v.is_floating_point() and r.shape == v.shape:
+            total += float((v.double() - r.double()).pow(2).sum())
+    return total**0.5
+
+
+def clip_update(state: StateDict, reference: StateDict, max_norm: float) -> tuple[StateDict, float]:
+    """``reference + (state - reference) * min(1, max_norm / ||state - reference||)`` and the norm before.
+
+    Tensors without a same-shaped reference (a personal part, counters) are kept as they are.
+    """
+    norm = update_norm(state, reference)
+    if norm <= max_norm or norm == 0:
+        return state, norm
+    scale = max_norm / norm
+    out = {}
+    for k, v in state.items():
+        r = reference.get(k)
+        if r is not None and v.is_floating_point() and r.shape == v.shape:
+            out[k] = (r.double() + (v.double() - r.double()) * scale).to(v.dtype)
+        else:
+            out[k] = v
+    return out, norm

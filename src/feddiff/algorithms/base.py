@@ -205,6 +205,14 @@ class Strategy:
         """
         return []
 
+    def screen(self, rnd: int, replies: list[Reply]) -> tuple[list[Reply], list[Failure]]:
+        """Replies to aggregate and those refused before aggregation (robust wrappers); all kept by default."""
+        return replies, []
+
+    def aggregation_group(self, task: Task) -> Any:
+        """Replies of one group are averaged together (a hierarchy: the client's edge); one group by default."""
+        return 0
+
     def expected_extras(self, task: Task) -> StateDict | None:
         """The extras a valid reply carries, with their shapes and dtypes; None: not checked (the default)."""
         return None
@@ -301,6 +309,12 @@ class StrategyWrapper(Strategy):
 
     def round_metrics(self, rnd: int) -> dict[str, Any]:
         return self.inner.round_metrics(rnd)
+
+    def screen(self, rnd: int, replies: list[Reply]) -> tuple[list[Reply], list[Failure]]:
+        return self.inner.screen(rnd, replies)
+
+    def aggregation_group(self, task: Task) -> Any:
+        return self.inner.aggregation_group(task)
 
     def expected_extras(self, task: Task) -> StateDict | None:
         return self.inner.expected_extras(task)

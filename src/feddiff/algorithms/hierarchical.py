@@ -153,6 +153,10 @@ class Hierarchical(Strategy):
         return [Task(k, self.edges[e], {"round": rnd, "upload": "all"}, link=EDGE_LINK)
                 for k, e in sorted(self.pending.items())]
 
+    def aggregation_group(self, task: Task) -> Any:
+        """A client's replies are averaged with its edge's."""
+        return self.pending[task.client]
+
     def is_central(self, rnd: int) -> bool:
         """Whether round ``rnd`` (0-based) ends with a central aggregation."""
         every = self.cfg.central_every

@@ -214,6 +214,28 @@ class Server:
             reply.claimed_samples = None
         return reply
 
+    def screen(self, rnd: int, outcome: RoundResult) -> None:
+        """Let the strategy refuse replies before aggregation (robust wrappers: outliers)."""
+        if outcome.replies:
+            kept, refused = self.strategy.screen(rnd, outcome.replies)
+            outcome.replies = kept
+            outcome.failures += refused
+            for f in refused:
+                self.link.forget(client_node(f.client))
+
+    def shortfall(self, tasks: list[Task], outcome: RoundResult) -> str | None:
+        """Why the round does not count under ``[faults]``' policy, or None when it does."""
+        p = self.cfg.faults
+        got = len(outcome.replies)
+        if not got:
+            return "no usable reply"
+        if p.policy == "reject" and got < len(tasks):
+            return f"{len(tasks) - got} of {len(tasks)} clients gave no usable reply (faults.policy = \"reject\")"
+        need = min(p.min_replies, len(tasks))
+        if got < need:
+            return f"{got} usable replies, fewer than faults.min_replies = {p.min_replies}"
+        return None
+
     def run_round(self, rnd: int, engine: Engine, progress: RoundProgress) -> tuple[list[Task], RoundResult]:
         """Configure, deliver, decode and validate one round; aggregation is the caller's next step."""
         tasks = self.strategy.configure(rnd)
@@ -223,6 +245,10 @@ class Server:
                 raise ValueError(f"{type(self.strategy).__name__}.configure({rnd}) returned two tasks for client "
                                  f"{t.client}; one task per client and round")
             seen.add(t.client)
+        return tasks, self.deliver(rnd, tasks, engine, progress)
+
+    def deliver(self, rnd: int, tasks: list[Task], engine: Engine, progress: RoundProgress) -> RoundResult:
+        """Send ``tasks``, then decode and validate what comes back (also a retry's tasks)."""
         total_steps = sum(self.exp.steps_per_round(t.client) for t in tasks)
         progress.start_round(rnd, [t.client for t in tasks], total_steps)
         messages, delivered = [], {}
@@ -267,7 +293,7 @@ class Server:
             else:
                 outcome.failures.append(got)
                 self.link.forget(node)  # its copy is unknown now: send weights next
-        return tasks, outcome
+        return outcome
 
     def carry(self, rnd: int, transfers: list[Transfer]) -> list[Transfer]:
         """Carry transfers between server tiers through the links' codecs; the ledger counts them."""
@@ -311,17 +337,42 @@ class Server:
         # Configure and deliver: every message through the server link, replies decoded and validated
         t_train = time.perf_counter()
         tasks, outcome = self.run_round(rnd, engine, progress)
+        self.screen(rnd, outcome)
+        # The round policy: too few usable replies -> ask the clients that failed again, then give up
+        policy = cfg.faults
+        attempts: list[dict[str, Any]] = []
+        while (short := self.shortfall(tasks, outcome)) and len(attempts) < policy.retries:
+            failed = {f.client for f in outcome.failures}
+            attempts.append({"replies": len(outcome.replies), "failed": sorted(failed), "short": short})
+            again = self.deliver(rnd, [t for t in tasks if t.client in failed], engine, progress)
+            self.screen(rnd, again)
+            outcome.replies = sorted(outcome.replies + again.replies, key=lambda r: [t.client for t in tasks].index(r.client))
+            outcome.failures = again.failures
+        discarded: list[int] = []
+        if short := self.shortfall(tasks, outcome):
+            discarded = [r.client for r in outcome.replies]
+            for c in discarded:  # their state goes back to before this round (the model never saw it)
+                self.link.forget(client_node(c))
+            engine_rollback = getattr(engine, "rollback", None)
+            if discarded and engine_rollback is not None:
+                engine_rollback(rnd, discarded)
+            outcome.failures += [Failure(c, f"discarded: the round did not count ({short})") for c in discarded]
+            outcome.replies = []
         t_train = time.perf_counter() - t_train
 
         # Aggregate what arrived (nothing arrived: the global model stays), then server-tier exchanges
         t_agg = time.perf_counter()
         agg_metrics: dict[str, Any] = {}
         if outcome.replies:
-            agg_metrics = self.strategy.aggregate(rnd, outcome.replies, outcome.failures)
+            agg_metrics = dict(self.strategy.aggregate(rnd, outcome.replies, outcome.failures))
             arrived: list[Transfer] = []
             while transfers := self.strategy.exchange(rnd, arrived):
                 arrived = self.carry(rnd, transfers)
             agg_metrics.update(self.strategy.round_metrics(rnd))
+        if attempts or policy.policy != "quorum" or policy.min_replies > 1:  # the decision, logged per round
+            agg_metrics["round_policy"] = {"policy": policy.policy, "min_replies": policy.min_replies,
+                                           "attempts": attempts, "counted": not short,
+                                           **({"reason": short} if short else {})}
         t_agg = time.perf_counter() - t_agg
 
         # Evaluate (every N rounds and after the last); what it asks of clients (personal models kept on
@@ -373,7 +424,8 @@ class Server:
             for f in outcome.failures:
                 print(f"warning: round {rnd + 1}: client {f.client}: {f.reason}", file=sys.stderr, flush=True)
         if not outcome.replies:
-            record["skipped"] = "no usable reply; the global model is unchanged"
+            why = agg_metrics.get("round_policy", {}).get("reason", "no usable reply")
+            record["skipped"] = f"{why}; the global model is unchanged"
         if self.setup_bytes is not None:
             record["bytes_setup"] = self.setup_bytes
             self.setup_bytes = None

@@ -47,11 +47,14 @@ class SimulatorEngine:
     def __init__(self, exp: Experiment):
         self.exp = exp
         self.clients = [ClientState() for _ in range(exp.num_clients)]
+        self.round, self.before = None, {}  # this round's replaced records, while it may still not count
         self.node = ClientNode(exp.runtime, ClientLink(exp.links, exp.cfg.run.seed))
 
     def send_and_receive(self, rnd: int, messages: list[Outgoing], events: RoundEvents) -> list[Incoming]:
         """Run each addressed client on its message, one after another; an exception is that client's failure."""
         out = []
+        if rnd != self.round:  # records from before this round, for a round that will not count
+            self.round, self.before = rnd, {}
         for i, m in enumerate(messages):
             events.start(m.client, i, len(messages))
             record = self.clients[m.client].copy()  # a client that fails mid-round keeps its old record
@@ -59,12 +62,21 @@ class SimulatorEngine:
                 blob = self.node.handle(m.client, m.blob, record, self.exp.client_data[m.client],
                                         progress=events.step)
                 inc = Incoming(m.client, blob)
+                self.before.setdefault(m.client, self.clients[m.client])
                 self.clients[m.client] = record
             except Exception as err:  # noqa: BLE001 - a client's failure is reported, not the run's end
                 inc = Incoming(m.client, error=f"{type(err).__name__}: {err}")
             events.done(inc)
             out.append(inc)
         return out
+
+    def rollback(self, rnd: int, clients: list[int]) -> None:
+        """Put ``clients`` back to their records from before round ``rnd`` (its replies were discarded)."""
+        if rnd != self.round:
+            raise RuntimeError(f"rollback of round {rnd}, but the records kept are from round {self.round}")
+        for c in clients:
+            if c in self.before:
+                self.clients[c] = self.before.pop(c)
 
     def answer_feature_sums(self, net) -> None:
         """Let clients answer the ``feature_sums`` query (federated reference statistics) with ``net``."""

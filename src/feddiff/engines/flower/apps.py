@@ -109,10 +109,26 @@ def client_answer(content: RecordDict, node_config: dict[str, Any], state: Recor
     """A node's answer to a feddiff task or query; its record in ``state`` is replaced only on success."""
     cfg, _ = read_app_file(app_file)
     session = NodeSession(cfg, node_identity(node_config))
-    record = state[STATE]["record"] if STATE in state else None
-    reply, record = session.handle(content[SECTION]["blob"], record)
-    state[STATE] = ConfigRecord({"record": record})
+    before = state[STATE]["record"] if STATE in state else None
+    reply, record = session.handle(content[SECTION]["blob"], before)
+    # the record from before this message is kept until the next one: a round that does not count
+    # (faults policy) brings the node back to it (ROLLBACK)
+    state[STATE] = ConfigRecord({"record": record, "previous": before if before is not None else b"",
+                                 "had_previous": before is not None, "round": int(content[SECTION]["round"])})
     return RecordDict({SECTION: ConfigRecord({"blob": reply})})
+
+
+def rollback_answer(content: RecordDict, state: RecordDict) -> RecordDict:
+    """Restore the record from before round ``content.round``'s message, if that was the node's last one."""
+    rnd = int(content[SECTION]["round"])
+    kept = state[STATE] if STATE in state else None
+    if kept is None or int(kept["round"]) != rnd:
+        return RecordDict({SECTION: ConfigRecord({"restored": False})})
+    if kept["had_previous"]:
+        state[STATE] = ConfigRecord({"record": kept["previous"], "previous": b"", "had_previous": False, "round": -2})
+    else:
+        del state[STATE]
+    return RecordDict({SECTION: ConfigRecord({"restored": True})})
 
 
 def make_client_app(app_file: str | Path) -> ClientApp:
@@ -128,4 +144,9 @@ def make_client_app(app_file: str | Path) -> ClientApp:
 
     app.train("feddiff")(handle)
     app.query("feddiff")(handle)
+
+    @app.query("rollback")
+    def rollback(msg: Message, context: Context) -> Message:
+        return Message(rollback_answer(msg.content, context.state), reply_to=msg)
+
     return app

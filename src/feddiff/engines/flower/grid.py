@@ -10,6 +10,7 @@ simulator. Nodes are matched to clients by the ``partition-id`` in their node co
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -22,7 +23,7 @@ from feddiff.engines.loop import Incoming, Outgoing, RoundEvents
 from feddiff.runs import RunError
 from feddiff.types import StateDict
 
-from feddiff.engines.flower.protocol import HELLO, QUERY, SECTION, TRAIN  # noqa: E402
+from feddiff.engines.flower.protocol import HELLO, QUERY, ROLLBACK, SECTION, TRAIN  # noqa: E402
 
 
 def exchange(grid: Grid, messages: list[Message], poll_s: float, timeout_s: float | None,
@@ -130,6 +131,21 @@ class FlowerEngine:
         for i in lost:
             results.append(Incoming(messages[i].client, error="no reply (not delivered, or past the round's timeout)"))
         return results
+
+    def rollback(self, rnd: int, clients: list[int]) -> None:
+        """Ask ``clients``' nodes to restore their records from before round ``rnd`` (it did not count)."""
+        out = [Message(RecordDict({SECTION: ConfigRecord({"round": rnd})}), dst_node_id=self.node_of[c],
+                       message_type=ROLLBACK) for c in clients]
+        answered: set[int] = set()
+
+        def arrived(i: int, reply: Message) -> None:
+            if not reply.has_error() and reply.content[SECTION]["restored"]:
+                answered.add(clients[i])
+
+        exchange(self.grid, out, self.poll_s, self.timeout_s, arrived)
+        for c in sorted(set(clients) - answered):
+            print(f"warning: round {rnd + 1}: client {c}'s node did not restore its record from before the round "
+                  "(no answer); its state keeps that round's update", file=sys.stderr, flush=True)
 
     def personal_models(self) -> None:
         """The personal models are on the nodes: the server asks for them (``personal_model`` query)."""

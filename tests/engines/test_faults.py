@@ -1,0 +1,113 @@
+"""Faults injected into real tiny federations: every kind refused with its reason, round policies, rollback."""
+
+import pytest
+import torch
+
+from feddiff.engines.experiment import build_experiment
+from feddiff.engines.faults import FaultyEngine, random_plan
+from feddiff.engines.simulator import Simulator, SimulatorEngine
+from feddiff.runs import RunDir
+from tests.engines.test_simulator import final_weights
+
+NO_EVAL = {"grid_size": 0, "loss_num_samples": 0}
+
+
+def run_with(cfg, plan, tmp_path, name):
+    exp = build_experiment(cfg)
+    engine = FaultyEngine(SimulatorEngine(exp), plan)
+    sim = Simulator(exp, RunDir.create_at(tmp_path / name), engine=engine)
+    sim.initialize()
+    rd = sim.run()
+    return rd, engine
+
+
+def checkpoint(rd, rnd=None):
+    paths = dict(rd.checkpoints())
+    return rd.load_checkpoint(paths[rnd if rnd is not None else max(paths)])[1]
+
+
+def test_every_kind_of_bad_reply_is_refused_with_its_reason(make_config, tmp_path):
+    cfg = make_config(run={"num_rounds": 2, "keep_checkpoints": 3}, partition={"num_clients": 4, "method": "iid"},
+                      eval=NO_EVAL)
+    schedule = {(0, 0): "raise", (0, 1): "nan", (0, 2): "wrong_shape",
+                (1, 0): "wrong_name", (1, 1): "truncate", (1, 2): "oversize", (1, 3): "disconnect"}
+    rd, engine = run_with(cfg, lambda r, c, a: schedule.get((r, c)), tmp_path, "f")
+    m = rd.read_metrics()
+    reasons = {(rec["round"], x["id"]): x["reason"] for rec in m for x in rec.get("rejected", [])}
+    assert "injected: client 0 raised" in reasons[(1, 0)]
+    assert "non-finite" in reasons[(1, 1)] or "NaN" in reasons[(1, 1)]
+    assert "shape" in reasons[(1, 2)]
+    assert [c["id"] for c in m[0]["clients"]] == [3]  # round 1 counts with the one good reply
+    assert "unexpected" in reasons[(2, 0)] or "missing" in reasons[(2, 0)] or "renamed" in reasons[(2, 0)]
+    assert "checksum" in reasons[(2, 1)]
+    assert "exceeds this task's limit" in reasons[(2, 2)]
+    assert "disconnected" in reasons[(2, 3)]
+    assert m[1]["skipped"].startswith("no usable reply") and m[1]["clients"] == []
+    # the global model after round 2 is the one after round 1: nothing bad reached it
+    after1, after2 = checkpoint(rd, 1), checkpoint(rd, 2)
+    glob = [k for k in after1 if k.startswith("strategy/")]
+    assert glob and all(torch.equal(after1[k], after2[k]) for k in glob)
+    assert len(engine.injected) == 7
+
+
+def test_a_poisoned_update_is_screened_out(make_config, tmp_path):
+    sections = {"partition": {"num_clients": 4, "method": "iid"}, "eval": NO_EVAL,
+                "robust": {"outlier_factor": 5.0}, "run": {"num_rounds": 2}}
+    poisoned, _ = run_with(make_config(**sections), lambda r, c, a: "huge_norm" if c == 3 else None, tmp_path, "p")
+    gone, _ = run_with(make_config(**sections), lambda r, c, a: "disconnect" if c == 3 else None, tmp_path, "g")
+    m = poisoned.read_metrics()
+    assert all(rec["rejected"][0]["id"] == 3 and "update norm" in rec["rejected"][0]["reason"] for rec in m)
+    a, b = final_weights(poisoned), final_weights(gone)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # as if client 3 had not answered at all
+
+
+def test_a_round_short_of_its_quorum_is_discarded_and_its_clients_rolled_back(make_config, tmp_path):
+    # SCAFFOLD's client control variates must not keep an update the server never aggregated
+    sections = {"algorithm": {"name": "scaffold"}, "train": {"optimizer": "sgd", "lr": 0.05},
+                "partition": {"num_clients": 3, "method": "iid"}, "faults": {"min_replies": 3},
+                "eval": NO_EVAL, "run": {"num_rounds": 3}}
+    one, _ = run_with(make_config(**sections), lambda r, c, a: "raise" if (r, c) == (1, 2) else None, tmp_path, "one")
+    every, _ = run_with(make_config(**sections), lambda r, c, a: "raise" if r == 1 else None, tmp_path, "all")
+    m = one.read_metrics()
+    assert m[1]["round_policy"] == {"policy": "quorum", "min_replies": 3, "attempts": [], "counted": False,
+                                    "reason": "2 usable replies, fewer than faults.min_replies = 3"}
+    assert m[1]["skipped"].startswith("2 usable replies") and {x["id"] for x in m[1]["rejected"]} == {0, 1, 2}
+    a, b = checkpoint(one), checkpoint(every)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # clients' records included
+    assert any(k.startswith("client/0/tensors/scaffold") for k in a)
+
+
+def test_a_retry_recovers_the_round_exactly(make_config, tmp_path):
+    sections = {"partition": {"num_clients": 3, "method": "iid"}, "eval": NO_EVAL, "run": {"num_rounds": 2},
+                "faults": {"policy": "reject", "retries": 1}}
+    clean, _ = run_with(make_config(**sections), lambda r, c, a: None, tmp_path, "clean")
+    flaky, engine = run_with(make_config(**sections), lambda r, c, a: "disconnect" if (r, c, a) == (0, 1, 0) else None,
+                             tmp_path, "flaky")
+    m = flaky.read_metrics()
+    assert m[0]["round_policy"]["attempts"] == [
+        {"replies": 2, "failed": [1], "short": '1 of 3 clients gave no usable reply (faults.policy = "reject")'}]
+    assert m[0]["round_policy"]["counted"] and [c["id"] for c in m[0]["clients"]] == [0, 1, 2]
+    a, b = final_weights(clean), final_weights(flaky)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the retried client trained exactly as it would have
+    assert m[0]["bytes"]["client-server"]["down"] > clean.read_metrics()[0]["bytes"]["client-server"]["down"]
+    # without retries, reject skips the round
+    strict, _ = run_with(make_config(**{**sections, "faults": {"policy": "reject"}}),
+                         lambda r, c, a: "disconnect" if (r, c) == (0, 1) else None, tmp_path, "strict")
+    assert strict.read_metrics()[0]["skipped"].startswith("1 of 3 clients gave no usable reply")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_federation_with_30_percent_failures_finishes(make_config, tmp_path, seed):
+    cfg = make_config(partition={"num_clients": 5, "method": "iid"}, eval=NO_EVAL, run={"num_rounds": 4},
+                      faults={"min_replies": 2, "retries": 2})
+    plan = random_plan(0.3, seed=seed)
+    rd, engine = run_with(cfg, plan, tmp_path, f"s{seed}")
+    m = rd.read_metrics()
+    assert [r["round"] for r in m] == [1, 2, 3, 4]
+    expected_bad = {(r, c) for r, c, a, kind in engine.injected if kind != "huge_norm"}
+    assert expected_bad  # the plan did inject at this rate
+    for rec in m:
+        counted = "skipped" not in rec
+        replies = len(rec["clients"])
+        assert (replies >= 2) == counted
+    assert torch.isfinite(torch.cat([v.flatten().double() for v in final_weights(rd).values()])).all()
