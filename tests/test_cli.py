@@ -296,3 +296,49 @@ def test_sample_falls_back_to_the_checkpoint_when_the_export_is_damaged(tmp_path
     assert "from checkpoint after round 1" in io.out
     # the last checkpoint holds the exported weights: the same images
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_sigkill_at_random_moments_and_mid_checkpoint_resumes_to_the_same_state(tmp_path, fmnist_dir):
+    """Kill a real run again and again (at random moments, and while a checkpoint file is being
+    written), resume it each time; every tensor of its last checkpoint equals an uninterrupted run's."""
+    import random
+
+    cfg = write_config(tmp_path, fmnist_dir, rounds=5, steps=8)
+    sets = ["--set", 'algorithm.name="scaffold"', "--set", 'train.optimizer="sgd"', "--set", "train.lr=0.05",
+            "--set", "train.keep_optimizer_state=true", "--set", 'compress.uplink.codec="int8"',
+            "--set", 'compress.uplink.mode="delta"', "--set", "compress.uplink.error_feedback=true"]
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    rng = random.Random(11)
+    fresh = [sys.executable, "-m", "feddiff.cli", "run", str(cfg), "--out", str(out), *sets]
+    mid_write = 0
+    for attempt in range(6):
+        runs = [p for p in out.iterdir() if p.is_dir()] if out.exists() else []
+        resumable = runs and RunDir(runs[0]).checkpoints()
+        if runs and not resumable:  # killed before its first checkpoint: nothing to resume, start again
+            import shutil
+
+            shutil.rmtree(out)
+        cmd = [sys.executable, "-m", "feddiff.cli", "run", "--resume", str(runs[0])] if resumable else fresh
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + (120 if attempt % 2 == 0 else rng.uniform(1.0, 4.0))
+        while time.time() < deadline and proc.poll() is None:
+            if attempt % 2 == 0 and list(out.glob("*/checkpoints/.round-*.tmp-*")):
+                break  # a checkpoint is being written right now
+            time.sleep(0.001)
+        if proc.poll() is not None:
+            break  # it finished first
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        mid_write += bool(list(out.glob("*/checkpoints/.round-*.tmp-*")))
+    rd = only_run(out)
+    if len(RunDir(rd).read_metrics()) < 5 or not RunDir(rd).checkpoints() or RunDir(rd).checkpoints()[-1][0] < 5:
+        assert main(["run", "--resume", str(rd)]) == 0
+    assert mid_write >= 1, "no kill landed during a checkpoint write"
+    assert main(["run", str(cfg), "--out", str(tmp_path / "whole"), *sets]) == 0
+    a = RunDir(rd).latest_checkpoint()[1]
+    b = RunDir(only_run(tmp_path / "whole")).latest_checkpoint()[1]
+    assert a.keys() == b.keys() and any(k.startswith("client/0/") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # model, control variates, residuals, optimizer states
+    assert [m["round"] for m in RunDir(rd).read_metrics()] == [1, 2, 3, 4, 5]
+    assert not list(rd.glob("checkpoints/.round-*.tmp-*"))  # the last resume removed what the kills left

@@ -263,14 +263,24 @@ class RobustConfig(Section):
 class FaultsConfig(Section):
     """When a round counts: its replies after validation and screening (engines/loop.py, both engines)."""
 
-    policy: Literal["quorum", "reject"] = F(
+    policy: Literal["quorum", "reject", "bounded_wait"] = F(
         "quorum", "quorum = the round counts with at least min_replies usable replies; reject = only when every "
-        "selected client's reply is usable"
+        "selected client's reply is usable; bounded_wait = wait deadline_s at most, then count what arrived "
+        "(at least min_replies)"
     )
+    deadline_s: float = F(0.0, "a reply later than this many seconds after its message is that client's failure "
+                               "(Flower: the message expires then; simulator: clients run one after another, so "
+                               "each is timed on its own); 0 = wait", ge=0)
     min_replies: int = F(1, "quorum: usable replies a round needs to count (capped at the clients selected)", ge=1)
     retries: int = F(0, "a round that does not count asks the clients that failed again, this many times; then it "
                         "is skipped: the model is unchanged and the clients that did reply go back to their state "
                         "before the round", ge=0)
+
+    @model_validator(mode="after")
+    def _deadline_for_bounded_wait(self) -> FaultsConfig:
+        if self.policy == "bounded_wait" and not self.deadline_s:
+            raise ValueError('policy = "bounded_wait" needs deadline_s > 0 (how long a round waits for replies)')
+        return self
 
 
 class EvalConfig(Section):

@@ -111,3 +111,23 @@ def test_a_federation_with_30_percent_failures_finishes(make_config, tmp_path, s
         replies = len(rec["clients"])
         assert (replies >= 2) == counted
     assert torch.isfinite(torch.cat([v.flatten().double() for v in final_weights(rd).values()])).all()
+
+
+def test_bounded_wait_counts_only_replies_within_the_deadline(make_config, tmp_path):
+    from feddiff.config import ConfigError
+
+    base = {"partition": {"num_clients": 2, "method": "iid"}, "eval": NO_EVAL, "run": {"num_rounds": 2}}
+    with pytest.raises(ConfigError, match="bounded_wait.*needs deadline_s"):
+        make_config(**base, faults={"policy": "bounded_wait"})
+    plain, _ = run_with(make_config(**base), lambda r, c, a: None, tmp_path, "plain")
+    patient, _ = run_with(make_config(**base, faults={"policy": "bounded_wait", "deadline_s": 600}),
+                          lambda r, c, a: None, tmp_path, "patient")
+    a, b = final_weights(plain), final_weights(patient)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # every reply in time: nothing changes
+    hasty, _ = run_with(make_config(**base, faults={"policy": "bounded_wait", "deadline_s": 1e-6}),
+                        lambda r, c, a: None, tmp_path, "hasty")
+    m = hasty.read_metrics()
+    assert all("skipped" in rec for rec in m)
+    assert all("no reply within faults.deadline_s = 1e-06 s" in x["reason"] for rec in m for x in rec["rejected"])
+    init = checkpoint(hasty)
+    assert all(torch.equal(init[k], checkpoint(hasty, 1)[k]) for k in init if k.startswith("strategy/"))

@@ -58,9 +58,14 @@ class SimulatorEngine:
         for i, m in enumerate(messages):
             events.start(m.client, i, len(messages))
             record = self.clients[m.client].copy()  # a client that fails mid-round keeps its old record
+            deadline = self.exp.cfg.faults.deadline_s
             try:
+                t0 = time.perf_counter()
                 blob = self.node.handle(m.client, m.blob, record, self.exp.client_data[m.client],
                                         progress=events.step)
+                took = time.perf_counter() - t0
+                if deadline and took > deadline:  # its reply came too late: as if it never arrived
+                    raise TimeoutError(f"no reply within faults.deadline_s = {deadline:g} s (it took {took:.2f} s)")
                 inc = Incoming(m.client, blob)
                 self.before.setdefault(m.client, self.clients[m.client])
                 self.clients[m.client] = record

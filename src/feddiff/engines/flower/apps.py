@@ -78,8 +78,10 @@ def server_main(grid: Grid, app_file: Path) -> str:
     exp = build_experiment(cfg)  # the server reads the train split for the partition sizes (aggregation weights)
     run_path = extra.get("run_path")
     run_dir = RunDir.create_at(run_path) if run_path else RunDir.create(cfg.run.out_dir, cfg.run.name or "run")
+    # --round-timeout, else faults.deadline_s: a node's reply later than that is its failure (the message expires)
+    timeout_s = extra.get("round_timeout_s") or cfg.faults.deadline_s or None
     engine = FlowerEngine(grid, {pid: f["node"] for pid, f in found.items()}, poll_s=float(extra.get("poll_s", 0.05)),
-                          timeout_s=extra.get("round_timeout_s"))
+                          timeout_s=timeout_s)
     sim = Simulator(exp, run_dir, engine=engine)
     sim.initialize()
     sim.run()
