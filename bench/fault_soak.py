@@ -118,6 +118,12 @@ def main() -> None:
             refused = collections.Counter(reason_kind(x["reason"]) for r in m_hos for x in r.get("rejected", []))
             injected = collections.Counter(kind for *_, kind in eng_hos.injected)
             w_hos = weights(hos)
+            # nothing bad reached the model: no client whose last message of a round was faulty is among
+            # that round's aggregated replies
+            last = {key: n - 1 for key, n in eng_hos._attempts.items()}
+            bad_last = {(r, c) for r, c, a, _ in eng_hos.injected if last[(r, c)] == a}
+            leaked = sorted((rec["round"], row["id"]) for rec in m_hos for row in rec["clients"]
+                            if (rec["round"] - 1, row["id"]) in bad_last)
             results = {
                 "recoverable": {
                     "rounds_completed": sum("skipped" not in r for r in m_rec), "rounds": rounds,
@@ -132,6 +138,7 @@ def main() -> None:
                     "replies_refused_by_reason": dict(refused.most_common()),
                     "weights_finite": all(bool(torch.isfinite(v).all()) for v in w_hos.values()
                                           if v.is_floating_point()),
+                    "faulty_replies_aggregated": len(leaked),
                 },
             }
             _, again, _ = run(make_cfg(clients, rounds, str(tmp), **hostile), anything, tmp / "hostile-again")
@@ -140,6 +147,7 @@ def main() -> None:
     for name, res in results.items():
         print(f"{name}: " + json.dumps(res), flush=True)
     ok = (results["recoverable"]["weights_equal_clean_run"] and results["hostile"]["weights_finite"]
+          and results["hostile"]["faulty_replies_aggregated"] == 0
           and results["hostile"]["weights_equal_on_rerun"]
           and results["recoverable"]["rounds_completed"] == rounds)
     print(json.dumps({

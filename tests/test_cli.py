@@ -274,10 +274,14 @@ def test_resume_before_any_checkpoint_prints_the_command_that_starts_it_again(tm
 def test_an_empty_config_file_warns_and_names_what_runs(tmp_path, capsys):
     empty = tmp_path / "empty.toml"
     empty.write_text("# nothing here yet\n")
-    assert main(["config", str(empty)]) == 0
-    err = capsys.readouterr().err
-    assert err.startswith(f"warning: {empty} sets nothing, so every setting takes its default: fashion-mnist")
-    assert "10 rounds" in err and "feddiff config" in err
+    with pytest.warns(UserWarning, match="sets nothing, so every setting takes its default: fashion-mnist"):
+        assert main(["config", str(empty)]) == 0
+    # as a person sees it: one plain line on stderr
+    proc = subprocess.run([sys.executable, "-m", "feddiff.cli", "config", str(empty)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": ""}, timeout=120)
+    assert proc.returncode == 0
+    assert proc.stderr.startswith(f"warning: {empty} sets nothing, so every setting takes its default: fashion-mnist")
+    assert "10 rounds" in proc.stderr and "feddiff config" in proc.stderr and "UserWarning" not in proc.stderr
 
 
 def test_sample_falls_back_to_the_checkpoint_when_the_export_is_damaged(tmp_path, fmnist_dir, capsys):

@@ -313,6 +313,21 @@ def test_point_without_its_final_checkpoint_is_resumed(tmp_path, fmnist_dir, cap
     assert "[1/1] algorithm=fedavg: done" in capsys.readouterr().out
 
 
+def test_a_point_whose_checkpoints_fail_their_checksum_is_restarted(tmp_path, fmnist_dir, capsys):
+    from feddiff.runs import RunDir
+
+    folder, run = _two_rounds(tmp_path, fmnist_dir)
+    for _, path in RunDir(run).checkpoints():  # one flipped bit each: safetensors alone would open them
+        data = bytearray(path.read_bytes())
+        data[-3] ^= 0x01
+        path.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["sweep", "--resume", str(folder)]) == 0  # it had been taken as resumable, then failed
+    out = capsys.readouterr().out
+    assert "[1/1] algorithm=fedavg: restart" in out
+    assert _final_tensors(run)
+
+
 def test_point_with_a_damaged_final_checkpoint_or_export_is_redone(tmp_path, fmnist_dir, capsys):
     import shutil
 

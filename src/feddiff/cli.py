@@ -178,17 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+def _format_warning(message, category, filename, lineno, line=None) -> str:
     """Warnings as one plain line for people (FEDDIFF_DEBUG=1 keeps Python's, with file and line)."""
-    print(f"warning: {message}", file=file or sys.stderr, flush=True)
+    return f"warning: {message}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
     with warnings.catch_warnings():  # restored on return: main() is also called as a function
-        if not os.environ.get("FEDDIFF_DEBUG"):
-            warnings.showwarning = _show_warning
+        if not os.environ.get("FEDDIFF_DEBUG"):  # the text only: whoever shows warnings still does
+            warnings.formatwarning = _format_warning
         return _main(argv)
 
 

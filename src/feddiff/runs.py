@@ -19,6 +19,7 @@ import json
 import os
 import re
 import time
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
@@ -201,7 +202,9 @@ class RunDir:
         A checkpoint without the JSON beside it (written by feddiff before checksums) passes unverified.
         """
         side = path.with_suffix(".json")
-        if not side.exists():
+        if not side.exists():  # feddiff writes it first: only an older feddiff's checkpoint lacks it
+            warnings.warn(f"checkpoint {path} has no {side.name} beside it (size and CRC-32): loading it unverified",
+                          stacklevel=2)
             return
         try:
             meta = json.loads(side.read_text())

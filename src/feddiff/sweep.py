@@ -169,6 +169,10 @@ def _readable_safetensors(path: Path) -> dict[str, str] | None:
 
 
 def _readable_checkpoint(path: Path, rnd: int) -> bool:
+    try:  # its size and CRC-32 first: a flipped bit is a damaged checkpoint, not a resumable one
+        RunDir(path.parent.parent).verify_checkpoint(path)
+    except RunError:
+        return False
     meta = _readable_safetensors(path)
     try:
         return meta is not None and int(meta["round"]) == rnd and isinstance(json.loads(meta["state"]), dict)

@@ -85,7 +85,8 @@ def test_a_retry_recovers_the_round_exactly(make_config, tmp_path):
                              tmp_path, "flaky")
     m = flaky.read_metrics()
     assert m[0]["round_policy"]["attempts"] == [
-        {"replies": 2, "failed": [1], "short": '1 of 3 clients gave no usable reply (faults.policy = "reject")'}]
+        {"replies": 2, "short": '1 of 3 clients gave no usable reply (faults.policy = "reject")',
+         "failed": [{"id": 1, "reason": "injected: client 1 disconnected"}]}]
     assert m[0]["round_policy"]["counted"] and [c["id"] for c in m[0]["clients"]] == [0, 1, 2]
     a, b = final_weights(clean), final_weights(flaky)
     assert all(torch.equal(a[k], b[k]) for k in a)  # the retried client trained exactly as it would have
@@ -131,3 +132,76 @@ def test_bounded_wait_counts_only_replies_within_the_deadline(make_config, tmp_p
     assert all("no reply within faults.deadline_s = 1e-06 s" in x["reason"] for rec in m for x in rec["rejected"])
     init = checkpoint(hasty)
     assert all(torch.equal(init[k], checkpoint(hasty, 1)[k]) for k in init if k.startswith("strategy/"))
+
+
+# -- found in review: each failed before its fix -----------------------------------------------------
+
+
+def test_a_poisoned_client_is_not_let_in_by_a_retry(make_config, tmp_path):
+    cfg = make_config(partition={"num_clients": 4, "method": "iid"}, eval=NO_EVAL, run={"num_rounds": 1},
+                      robust={"outlier_factor": 5.0}, faults={"policy": "reject", "retries": 1})
+    rd, _ = run_with(cfg, lambda r, c, a: "huge_norm" if c == 3 else None, tmp_path, "p")
+    rec = rd.read_metrics()[0]
+    assert rec["skipped"].startswith("1 of 4 clients gave no usable reply")  # not retried into the round
+    assert any(x["id"] == 3 and "update norm" in x["reason"] for x in rec["rejected"])
+
+
+def test_a_discarded_round_that_pruned_leaves_the_clients_working(make_config, tmp_path):
+    cfg = make_config(partition={"num_clients": 3, "method": "iid"}, eval=NO_EVAL, run={"num_rounds": 4},
+                      prune={"ratio": 0.3, "at": 1}, faults={"min_replies": 3})
+    rd, _ = run_with(cfg, lambda r, c, a: "raise" if (r, c) == (1, 2) else None, tmp_path, "p")
+    m = rd.read_metrics()
+    assert "skipped" in m[1] and [len(r["clients"]) for r in (m[0], m[2], m[3])] == [3, 3, 3]
+
+
+def test_a_discarded_round_undoes_what_configure_changed(make_config, tmp_path):
+    # SCAFFOLD's reset_every zeroes the server's c in configure; if that round is discarded, the clients
+    # keep their c_i, so c must come back too: c = mean(c_i) holds (every client takes part each round)
+    sections = {"algorithm": {"name": "scaffold", "reset_every": 2}, "train": {"optimizer": "sgd", "lr": 0.05},
+                "partition": {"num_clients": 3, "method": "iid"}, "faults": {"min_replies": 3},
+                "eval": NO_EVAL, "run": {"num_rounds": 4}}
+    rd, _ = run_with(make_config(**sections), lambda r, c, a: "raise" if (r, c) == (2, 2) else None, tmp_path, "one")
+    t = checkpoint(rd)
+    for k in [k for k in t if k.startswith("strategy/control/")]:
+        name = k.removeprefix("strategy/control/")
+        mean = sum(t[f"client/{c}/tensors/scaffold/{name}"] for c in range(3)) / 3
+        assert torch.allclose(t[k], mean, atol=1e-6), name
+
+
+@pytest.mark.parametrize("train", [{"optimizer_scope": "shared"}, {"keep_optimizer_state": True}])
+def test_a_discarded_round_undoes_optimizer_states(make_config, tmp_path, train):
+    sections = {"partition": {"num_clients": 3, "method": "iid"}, "faults": {"min_replies": 3}, "train": train,
+                "eval": NO_EVAL, "run": {"num_rounds": 3}}
+    one, _ = run_with(make_config(**sections), lambda r, c, a: "raise" if (r, c) == (1, 2) else None, tmp_path, "one")
+    every, _ = run_with(make_config(**sections), lambda r, c, a: "raise" if r == 1 else None, tmp_path, "all")
+    a, b = checkpoint(one), checkpoint(every)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_retry_after_a_refused_reply_trains_from_before_the_round(make_config, tmp_path):
+    # the client trained (its record moved on) but its reply held NaN: the retry starts from its old record
+    sections = {"algorithm": {"name": "scaffold"}, "train": {"optimizer": "sgd", "lr": 0.05},
+                "partition": {"num_clients": 3, "method": "iid"}, "eval": NO_EVAL, "run": {"num_rounds": 2},
+                "faults": {"policy": "reject", "retries": 1}}
+    clean, _ = run_with(make_config(**sections), lambda r, c, a: None, tmp_path, "clean")
+    flaky, _ = run_with(make_config(**sections), lambda r, c, a: "nan" if (r, c, a) == (0, 1, 0) else None,
+                        tmp_path, "flaky")
+    a, b = checkpoint(clean), checkpoint(flaky)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_deadline_does_not_apply_to_setup_queries(make_config, tmp_path):
+    cfg = make_config(algorithm={"name": "hierfavg", "num_edges": 2, "selection": "homogeneity"},
+                      partition={"num_clients": 4}, eval=NO_EVAL, run={"num_rounds": 1},
+                      faults={"deadline_s": 1e-6})
+    rd, _ = run_with(cfg, lambda r, c, a: None, tmp_path, "q")  # the label-histogram query is answered
+    assert "skipped" in rd.read_metrics()[0]  # while every training reply is late
+
+
+def test_oversize_is_past_the_limit_for_a_real_model():
+    from feddiff.compress import wire
+    from feddiff.engines.faults import _alter
+
+    blob = wire.encode(wire.Message({"w": torch.zeros(1_000_000)}, {"num_samples": 1}))
+    limit = 2 * 4 * 1_000_000 + (1 << 20)
+    assert len(_alter(blob, "oversize", None)) > limit

@@ -130,6 +130,38 @@ def test_a_round_that_does_not_count_rolls_the_nodes_back(make_config, tmp_path,
     assert states[0] == states[1]  # node 1000's round-2 update was undone on the node
 
 
+def test_a_node_asked_twice_in_a_discarded_round_goes_back_to_before_the_round(make_config, tmp_path, task_identity,
+                                                                          monkeypatch):
+    # node 1000 trains, its reply is cut short (refused), it is asked again and answers; node 999 never
+    # answers; the round is discarded: node 1000 must end as if round 2 never happened, not after its
+    # first attempt
+    monkeypatch.setenv("FEDDIFF_CACHE", str(tmp_path / "node-cache"))
+    cfg = make_config(run={"num_rounds": 3}, eval={"grid_size": 0, "loss_num_samples": 0},
+                      algorithm={"name": "scaffold"}, train={"optimizer": "sgd", "lr": 0.05},
+                      faults={"policy": "reject", "retries": 1})
+    states = []
+    for i in range(2):
+        app = write_app(tmp_path / f"app{i}", cfg, tmp_path / f"run{i}") / "feddiff_flower_app" / "feddiff_run.json"
+        seen = []
+
+        def tamper(node, content, blob, first=(i == 0)):
+            if first and node == 1000 and content["feddiff"]["round"] == 1 and not seen:
+                seen.append(1)
+                return blob[: len(blob) // 2]
+            return blob
+
+        def fail(node, content, i=i):
+            return content["feddiff"]["round"] == 1 and (node == 999 or i == 1)
+
+        grid = FakeGrid(nodes(2), app, fail=fail, tamper=tamper)
+        rd = RunDir.open(apps.server_main(grid, app))
+        states.append({n: bytes(grid.states[n]["feddiff-record"]["record"]) for n in (999, 1000)})
+        if i == 0:
+            attempts = rd.read_metrics()[1]["round_policy"]["attempts"]
+            assert "checksum" in " ".join(x["reason"] for x in attempts[0]["failed"])
+    assert states[0] == states[1]
+
+
 def test_a_node_that_fails_is_that_clients_failure(make_config, tmp_path, task_identity, monkeypatch):
     monkeypatch.setenv("FEDDIFF_CACHE", str(tmp_path / "node-cache"))
     cfg = make_config(run={"num_rounds": 2}, eval={"grid_size": 0, "loss_num_samples": 0})

@@ -201,9 +201,10 @@ def test_taylor_without_an_update_prunes_by_magnitude_and_reports_it_late(make_c
         rd = run(cfg)
     m = rd.read_metrics()
     assert [r["round"] for r in m if "skipped" in r] == [2, 3]
-    # pruned before round 3, which had no reply: reported with round 4, naming the round it happened
+    # pruned before round 3, which had no reply: a round that does not count undoes what its configure
+    # did, so the pruning that stands is the one before round 4 (where it is reported)
     assert [(r["round"], r["pruned"]["round"], r["pruned"]["importance"]) for r in m if "pruned" in r] == \
-        [(4, 3, "magnitude")]
+        [(4, 4, "magnitude")]
 
 
 def test_a_spec_that_does_not_extend_the_clients_is_refused():

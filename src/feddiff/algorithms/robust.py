@@ -16,6 +16,9 @@ Configured by ``[robust]`` (off by default); composed by ``make_strategy`` like 
   edge's in a hierarchy (``Strategy.aggregation_group``). Keys only some replies hold (U-Net-partial
   schemes) are combined over the replies that hold them.
 
+Screening and clipping measure the model update only: an algorithm's extras (SCAFFOLD's control-variate
+deltas) are not screened or clipped; the median and trimmed mean do combine them robustly.
+
 Each round records ``robust``: the rule, the clients clipped (with their norms) and each group's size.
 """
 
@@ -66,18 +69,25 @@ class RobustStrategy(StrategyWrapper):
         if not factor:
             return kept, refused
         out_of_bounds: set[int] = set()
-        for rs in self._groups(kept).values():
-            if len(rs) < MIN_GROUP_FOR_OUTLIERS:
-                continue
-            norms = {r.client: update_norm(r.tensors, self._reference(r)) for r in rs}
-            median = statistics.median(norms.values())
-            for r in rs:
-                if median > 0 and norms[r.client] > factor * median:
-                    out_of_bounds.add(r.client)
-                    refused.append(Failure(r.client, f"rejected: update norm {norms[r.client]:.4g} is "
-                                                     f"{norms[r.client] / median:.1f}x the median of its group "
-                                                     f"({median:.4g}; robust.outlier_factor = {factor:g})"))
+        for group in self._groups(kept).values():
+            by_keys: dict[frozenset, list[Reply]] = defaultdict(list)  # norms compare over the same tensors
+            for r in group:  # (USPLIT's clients upload different parts)
+                by_keys[frozenset(r.tensors)].append(r)
+            for rs in by_keys.values():
+                self._screen_group(rs, factor, out_of_bounds, refused)
         return [r for r in kept if r.client not in out_of_bounds], refused
+
+    def _screen_group(self, rs: list[Reply], factor: float, out_of_bounds: set[int], refused: list[Failure]) -> None:
+        if len(rs) < MIN_GROUP_FOR_OUTLIERS:
+            return
+        norms = {r.client: update_norm(r.tensors, self._reference(r)) for r in rs}
+        median = statistics.median(norms.values())
+        for r in rs:
+            if median > 0 and norms[r.client] > factor * median:
+                out_of_bounds.add(r.client)
+                refused.append(Failure(r.client, f"rejected: update norm {norms[r.client]:.4g} is "
+                                                 f"{norms[r.client] / median:.1f}x the median of its group "
+                                                 f"({median:.4g}; robust.outlier_factor = {factor:g})"))
 
     def aggregate(self, rnd: int, replies: list[Reply], failures: list[Failure] = ()) -> dict[str, float]:
         cfg = self.robust_cfg

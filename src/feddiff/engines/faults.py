@@ -57,9 +57,10 @@ def random_plan(rate: float, kinds: tuple[str, ...] = KINDS, seed: int = 0, firs
 def _alter(blob: bytes, kind: str, reference: dict[str, torch.Tensor] | None) -> bytes:
     if kind == "truncate":
         return blob[: len(blob) // 2]
-    if kind == "oversize":
-        return blob + bytes(2 * len(blob) + (2 << 20))
     msg = wire.decode(blob)
+    if kind == "oversize":  # past the server's limit (twice the tensors at fp32 plus 1 MiB) whatever the codec
+        fp32 = 4 * sum(t.numel() for t in msg.tensors.values())
+        return blob + bytes(3 * fp32 + (2 << 20))
     tensors = dict(msg.tensors)
     name = next((k for k, v in tensors.items() if v.is_floating_point() and v.numel() > 1), next(iter(tensors)))
     v = tensors[name]

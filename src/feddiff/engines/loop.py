@@ -214,19 +214,19 @@ class Server:
             reply.claimed_samples = None
         return reply
 
-    def screen(self, rnd: int, outcome: RoundResult) -> None:
-        """Let the strategy refuse replies before aggregation (robust wrappers: outliers)."""
-        if outcome.replies:
-            kept, refused = self.strategy.screen(rnd, outcome.replies)
-            outcome.replies = kept
-            outcome.failures += refused
-            for f in refused:
-                self.link.forget(client_node(f.client))
+    def screen(self, rnd: int, replies: list[Reply]) -> tuple[list[Reply], list[Failure]]:
+        """Replies the strategy keeps, and those it refuses before aggregation (robust wrappers: outliers)."""
+        if not replies:
+            return [], []
+        kept, refused = self.strategy.screen(rnd, replies)
+        for f in refused:
+            self.link.forget(client_node(f.client))
+        return kept, refused
 
-    def shortfall(self, tasks: list[Task], outcome: RoundResult) -> str | None:
+    def shortfall(self, tasks: list[Task], replies: list[Reply]) -> str | None:
         """Why the round does not count under ``[faults]``' policy, or None when it does."""
         p = self.cfg.faults
-        got = len(outcome.replies)
+        got = len(replies)
         if not got:
             return "no usable reply"
         if p.policy == "reject" and got < len(tasks):
@@ -336,26 +336,43 @@ class Server:
         t_round = time.perf_counter()
         # Configure and deliver: every message through the server link, replies decoded and validated
         t_train = time.perf_counter()
+        # What a round that does not count must undo on the server: the strategy's state (configure may
+        # change it: SCAFFOLD's reset, pruning) and which spec each node holds. State tensors are
+        # replaced, never written in place, so references suffice.
+        before_state, before_specs = self.strategy.state_dict(), dict(self.sent_spec)
         tasks, outcome = self.run_round(rnd, engine, progress)
-        self.screen(rnd, outcome)
-        # The round policy: too few usable replies -> ask the clients that failed again, then give up
+        order = {t.client: i for i, t in enumerate(tasks)}
+        replies, failed = outcome.replies, outcome.failures  # usable replies so far; the last attempt's failures
+        kept, refused = self.screen(rnd, replies)
+        # The round policy: too few usable replies -> ask the clients that failed again (not those the
+        # screening refused: a poisoned update is not a transient fault), then give up
         policy = cfg.faults
         attempts: list[dict[str, Any]] = []
-        while (short := self.shortfall(tasks, outcome)) and len(attempts) < policy.retries:
-            failed = {f.client for f in outcome.failures}
-            attempts.append({"replies": len(outcome.replies), "failed": sorted(failed), "short": short})
-            again = self.deliver(rnd, [t for t in tasks if t.client in failed], engine, progress)
-            self.screen(rnd, again)
-            outcome.replies = sorted(outcome.replies + again.replies, key=lambda r: [t.client for t in tasks].index(r.client))
-            outcome.failures = again.failures
+        engine_rollback = getattr(engine, "rollback", None)
+        while (short := self.shortfall(tasks, kept)) and len(attempts) < policy.retries and failed:
+            attempts.append({"replies": len(kept), "short": short,
+                             "failed": [{"id": f.client, "reason": f.reason} for f in failed + refused]})
+            again_clients = sorted({f.client for f in failed}, key=order.get)
+            if engine_rollback is not None:  # a client that trained and then failed validation starts afresh
+                engine_rollback(rnd, again_clients)
+            again = self.deliver(rnd, [t for t in tasks if t.client in again_clients], engine, progress)
+            replies = sorted(replies + again.replies, key=lambda r: order[r.client])
+            failed = again.failures
+            kept, refused = self.screen(rnd, replies)  # the whole round's replies, against one median
+        outcome.replies, outcome.failures = kept, failed + refused
         discarded: list[int] = []
-        if short := self.shortfall(tasks, outcome):
-            discarded = [r.client for r in outcome.replies]
+        if short := self.shortfall(tasks, kept):
+            discarded = [r.client for r in kept]
+            self.strategy.load_state_dict(*before_state)
             for c in discarded:  # their state goes back to before this round (the model never saw it)
-                self.link.forget(client_node(c))
-            engine_rollback = getattr(engine, "rollback", None)
+                node = client_node(c)
+                self.link.forget(node)
+                if node in before_specs:
+                    self.sent_spec[node] = before_specs[node]
+                else:
+                    self.sent_spec.pop(node, None)
             if discarded and engine_rollback is not None:
-                engine_rollback(rnd, discarded)
+                engine_rollback(rnd, discarded, whole_round=True)
             outcome.failures += [Failure(c, f"discarded: the round did not count ({short})") for c in discarded]
             outcome.replies = []
         t_train = time.perf_counter() - t_train

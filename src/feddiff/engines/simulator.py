@@ -48,17 +48,21 @@ class SimulatorEngine:
         self.exp = exp
         self.clients = [ClientState() for _ in range(exp.num_clients)]
         self.round, self.before = None, {}  # this round's replaced records, while it may still not count
+        self.shared_before = None
         self.node = ClientNode(exp.runtime, ClientLink(exp.links, exp.cfg.run.seed))
 
     def send_and_receive(self, rnd: int, messages: list[Outgoing], events: RoundEvents) -> list[Incoming]:
         """Run each addressed client on its message, one after another; an exception is that client's failure."""
         out = []
+        shared = self.node.runtime.shared  # train.optimizer_scope = "shared": one record every client changes
         if rnd != self.round:  # records from before this round, for a round that will not count
             self.round, self.before = rnd, {}
+            self.shared_before = shared.copy() if shared is not None else None
         for i, m in enumerate(messages):
             events.start(m.client, i, len(messages))
             record = self.clients[m.client].copy()  # a client that fails mid-round keeps its old record
-            deadline = self.exp.cfg.faults.deadline_s
+            deadline = self.exp.cfg.faults.deadline_s if rnd >= 0 else 0  # queries are not rounds
+            shared_snapshot = self.node.runtime.shared.copy() if self.node.runtime.shared is not None else None
             try:
                 t0 = time.perf_counter()
                 blob = self.node.handle(m.client, m.blob, record, self.exp.client_data[m.client],
@@ -71,17 +75,23 @@ class SimulatorEngine:
                 self.clients[m.client] = record
             except Exception as err:  # noqa: BLE001 - a client's failure is reported, not the run's end
                 inc = Incoming(m.client, error=f"{type(err).__name__}: {err}")
+                if shared_snapshot is not None:  # nor does it advance the optimizer every client shares
+                    self.node.runtime.shared = shared_snapshot
             events.done(inc)
             out.append(inc)
         return out
 
-    def rollback(self, rnd: int, clients: list[int]) -> None:
-        """Put ``clients`` back to their records from before round ``rnd`` (its replies were discarded)."""
+    def rollback(self, rnd: int, clients: list[int], whole_round: bool = False) -> None:
+        """Put ``clients`` back to their records from before round ``rnd``: its replies were discarded
+        (``whole_round``: the round did not count, so the shared optimizer goes back too), or they are
+        asked again."""
         if rnd != self.round:
             raise RuntimeError(f"rollback of round {rnd}, but the records kept are from round {self.round}")
         for c in clients:
             if c in self.before:
                 self.clients[c] = self.before.pop(c)
+        if whole_round and self.shared_before is not None:
+            self.node.runtime.shared = self.shared_before.copy()
 
     def answer_feature_sums(self, net) -> None:
         """Let clients answer the ``feature_sums`` query (federated reference statistics) with ``net``."""

@@ -111,12 +111,18 @@ def client_answer(content: RecordDict, node_config: dict[str, Any], state: Recor
     """A node's answer to a feddiff task or query; its record in ``state`` is replaced only on success."""
     cfg, _ = read_app_file(app_file)
     session = NodeSession(cfg, node_identity(node_config))
-    before = state[STATE]["record"] if STATE in state else None
+    kept = state[STATE] if STATE in state else None
+    before = kept["record"] if kept is not None else None
+    rnd = int(content[SECTION]["round"])
     reply, record = session.handle(content[SECTION]["blob"], before)
-    # the record from before this message is kept until the next one: a round that does not count
-    # (faults policy) brings the node back to it (ROLLBACK)
-    state[STATE] = ConfigRecord({"record": record, "previous": before if before is not None else b"",
-                                 "had_previous": before is not None, "round": int(content[SECTION]["round"])})
+    # the record from before this round is kept until the next round: a round that does not count
+    # (faults policy) brings the node back to it (ROLLBACK); a second message of the same round (a retry)
+    # keeps the one from before the round, not the one after its first attempt
+    if kept is not None and (int(kept["round"]) == rnd or rnd < 0):  # a retry, or a query (not a round)
+        previous, had_previous, rnd = kept["previous"], bool(kept["had_previous"]), int(kept["round"])
+    else:
+        previous, had_previous = (before if before is not None else b""), before is not None
+    state[STATE] = ConfigRecord({"record": record, "previous": previous, "had_previous": had_previous, "round": rnd})
     return RecordDict({SECTION: ConfigRecord({"blob": reply})})
 
 

@@ -87,6 +87,9 @@ def discover(grid: Grid, num_clients: int, wait_s: float = 300.0, poll_s: float 
     return found
 
 
+ROLLBACK_WAIT_S = 300.0  # how long a rollback waits for the nodes' answers at least
+
+
 class FlowerEngine:
     """:class:`~feddiff.engines.loop.Engine` over a Flower ``Grid`` (the clients keep their own records).
 
@@ -107,8 +110,10 @@ class FlowerEngine:
 
     def send_and_receive(self, rnd: int, messages: list[Outgoing], events: RoundEvents) -> list[Incoming]:
         kind = QUERY if rnd == QUERY_ROUND else TRAIN
-        # with a round timeout the message also expires then, so a node does not run it late
-        ttl = {"ttl": float(self.timeout_s)} if self.timeout_s else {}
+        # with a round timeout the message also expires then, so a node does not run it late; queries
+        # (setup statistics, personal models for evaluation) are not rounds and wait
+        timeout = self.timeout_s if rnd != QUERY_ROUND else None
+        ttl = {"ttl": float(timeout)} if timeout else {}
         out = [Message(RecordDict({SECTION: ConfigRecord({"blob": m.blob, "round": rnd, "client": m.client})}),
                        dst_node_id=self.node_of[m.client], message_type=kind, **ttl) for m in messages]
         for i, m in enumerate(messages):
@@ -127,13 +132,20 @@ class FlowerEngine:
             results.append(inc)
             events.done(inc)
 
-        _, lost = exchange(self.grid, out, self.poll_s, self.timeout_s, arrived)
+        _, lost = exchange(self.grid, out, self.poll_s, timeout, arrived)
         for i in lost:
             results.append(Incoming(messages[i].client, error="no reply (not delivered, or past the round's timeout)"))
+        if lost and rnd != QUERY_ROUND:
+            # a node may still finish a message past its deadline and keep that round's record: ask it to
+            # go back (it answers once it is free; its round check makes this a no-op if it never ran)
+            self.grid.push_messages([Message(RecordDict({SECTION: ConfigRecord({"round": rnd})}),
+                                             dst_node_id=self.node_of[messages[i].client], message_type=ROLLBACK)
+                                     for i in lost])
         return results
 
-    def rollback(self, rnd: int, clients: list[int]) -> None:
-        """Ask ``clients``' nodes to restore their records from before round ``rnd`` (it did not count)."""
+    def rollback(self, rnd: int, clients: list[int], whole_round: bool = False) -> None:
+        """Ask ``clients``' nodes to restore their records from before round ``rnd`` (it did not count, or
+        they are asked again)."""
         out = [Message(RecordDict({SECTION: ConfigRecord({"round": rnd})}), dst_node_id=self.node_of[c],
                        message_type=ROLLBACK) for c in clients]
         answered: set[int] = set()
@@ -142,7 +154,7 @@ class FlowerEngine:
             if not reply.has_error() and reply.content[SECTION]["restored"]:
                 answered.add(clients[i])
 
-        exchange(self.grid, out, self.poll_s, self.timeout_s, arrived)
+        exchange(self.grid, out, self.poll_s, max(self.timeout_s or 0.0, ROLLBACK_WAIT_S), arrived)
         for c in sorted(set(clients) - answered):
             print(f"warning: round {rnd + 1}: client {c}'s node did not restore its record from before the round "
                   "(no answer); its state keeps that round's update", file=sys.stderr, flush=True)
