@@ -142,3 +142,18 @@ def test_exported_model_loads_in_ddpm_pipeline(make_config):
     pipe = DDPMPipeline.from_pretrained(rd.model_path)
     out = pipe(batch_size=1, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (1, 16, 16, 1)
+
+
+def test_a_damaged_run_folder_file_is_named(make_config):
+    rd = run(make_config(run={"num_rounds": 1}))
+    saved = (rd.path / "config.json").read_bytes()
+    (rd.path / "manifest.json").write_text("{bad")
+    with pytest.raises(RunError, match=r"cannot read .*manifest\.json"):
+        resume(rd.path, ["run.num_rounds=2"])
+    (rd.path / "manifest.json").unlink()
+    (rd.path / "config.json").write_text("{bad")
+    with pytest.raises(Exception, match=r"config\.json"):
+        resume(rd.path, ["run.num_rounds=2"])
+    (rd.path / "config.json").write_bytes(saved)
+    resume(rd.path, ["run.num_rounds=2"])  # nothing else was overwritten: it continues
+    assert [m["round"] for m in rd.read_metrics()] == [1, 2]

@@ -58,7 +58,11 @@ def resume(path: str | Path, overrides: list[str] = ()) -> RunDir:
     """Continue a run from its last checkpoint (optionally with more rounds: run.num_rounds=N)."""
     run_dir = RunDir.open(path)
     manifest = run_dir.path / "manifest.json"
-    engine = json.loads(manifest.read_text()).get("engine", "simulator") if manifest.exists() else "simulator"
+    try:
+        engine = json.loads(manifest.read_text()).get("engine", "simulator") if manifest.exists() else "simulator"
+    except (ValueError, AttributeError) as err:
+        raise RunError(f"cannot read {manifest} ({err}); it records which engine trained the run. If it is damaged, "
+                       "restore it or remove it to resume as a simulator run") from None
     if engine != "simulator":  # its clients' records are on the nodes: the simulator would start them empty
         raise RunError(f"{run_dir.path} was trained on {engine}; `feddiff run --resume` continues simulator runs "
                        "only (its clients' records are on the nodes)")
