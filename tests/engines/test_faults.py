@@ -205,3 +205,27 @@ def test_oversize_is_past_the_limit_for_a_real_model():
     blob = wire.encode(wire.Message({"w": torch.zeros(1_000_000)}, {"num_samples": 1}))
     limit = 2 * 4 * 1_000_000 + (1 << 20)
     assert len(_alter(blob, "oversize", None)) > limit
+
+
+def test_an_oversized_query_answer_is_refused_before_it_is_parsed(make_config, tmp_path):
+    from feddiff.engines.loop import Incoming, query_limit
+    from feddiff.runs import RunError
+
+    cfg = make_config(algorithm={"name": "hierfavg", "num_edges": 2, "selection": "homogeneity"},
+                      partition={"num_clients": 4}, eval=NO_EVAL, run={"num_rounds": 1})
+    exp = build_experiment(cfg)
+    inner = SimulatorEngine(exp)
+
+    class Padding:  # a node whose label-histogram answer is huge
+        def send_and_receive(self, rnd, messages, events):
+            out = inner.send_and_receive(rnd, messages, events)
+            limit = query_limit(exp.strategy.global_state())
+            return [Incoming(i.client, i.blob + bytes(limit)) if rnd < 0 and i.client == 1 else i for i in out]
+
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+    sim = Simulator(exp, RunDir.create_at(tmp_path / "q"), engine=Padding())
+    sim.initialize()
+    with pytest.raises(RunError, match=r"client 1's answer to the query \['label_histogram'\] is \d+ bytes, over"):
+        sim.run()

@@ -152,6 +152,10 @@ class Server:
             if inc.error is not None or inc.blob is None:
                 raise RunError(f"client {inc.client} did not answer the query {names}: {inc.error}")
             self.link.count(link, "up", client_node(inc.client), len(inc.blob))
+            limit = query_limit(self.strategy.global_state())
+            if len(inc.blob) > limit:  # refused before a byte of it is parsed
+                raise RunError(f"client {inc.client}'s answer to the query {names} is {len(inc.blob)} bytes, over "
+                               f"the limit of {limit} (twice the model at fp32, plus 64 MiB for statistics)")
             try:
                 answers[inc.client] = self.link.receive(inc.blob, {}).tensors
             except MessageError as err:
@@ -551,6 +555,12 @@ def reply_limit(expected: StateDict, extras: StateDict | None) -> int:
     model = sum(4 * v.numel() for v in expected.values())
     extra = model if extras is None else sum(4 * v.numel() for v in extras.values())
     return 2 * (model + extra) + (1 << 20)
+
+
+def query_limit(model: StateDict) -> int:
+    """The most bytes a query's answer can take: a personal model (twice the fp32 size of the model) or
+    statistics (label counts; feature sums, 2048 x 2048 in float64 for Inception: 64 MiB leaves room)."""
+    return 2 * sum(4 * v.numel() for v in model.values()) + (64 << 20)
 
 
 def load_checkpoint(run_dir: RunDir, rnd: int | None, set_aside: bool) -> tuple[int, StateDict, dict[str, Any]]:
