@@ -346,3 +346,11 @@ def test_sigkill_at_random_moments_and_mid_checkpoint_resumes_to_the_same_state(
     assert all(torch.equal(a[k], b[k]) for k in a)  # model, control variates, residuals, optimizer states
     assert [m["round"] for m in RunDir(rd).read_metrics()] == [1, 2, 3, 4, 5]
     assert not list(rd.glob("checkpoints/.round-*.tmp-*"))  # the last resume removed what the kills left
+
+
+def test_main_leaves_the_warning_format_as_it_found_it(capsys):
+    import warnings
+
+    before = warnings.formatwarning
+    assert main(["config"]) == 0
+    assert warnings.formatwarning is before

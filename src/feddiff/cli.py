@@ -186,10 +186,13 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
-    with warnings.catch_warnings():  # restored on return: main() is also called as a function
-        if not os.environ.get("FEDDIFF_DEBUG"):  # the text only: whoever shows warnings still does
-            warnings.formatwarning = _format_warning
+    original = warnings.formatwarning  # restored on return: main() is also called as a function
+    if not os.environ.get("FEDDIFF_DEBUG"):  # the text only: whoever shows warnings still does
+        warnings.formatwarning = _format_warning
+    try:
         return _main(argv)
+    finally:
+        warnings.formatwarning = original
 
 
 def _main(argv: list[str] | None) -> int:

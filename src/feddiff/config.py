@@ -271,6 +271,8 @@ class FaultsConfig(Section):
     deadline_s: float = F(0.0, "a reply later than this many seconds after its message is that client's failure "
                                "(Flower: the message expires then; simulator: clients run one after another, so "
                                "each is timed on its own); 0 = wait", ge=0)
+    stall_s: float = F(0.0, "simulator: a client that makes no training step for this many seconds is given up as "
+                            "hung (one that keeps stepping, however long, is not); 0 = off", ge=0)
     min_replies: int = F(1, "quorum: usable replies a round needs to count (capped at the clients selected)", ge=1)
     retries: int = F(0, "a round that does not count asks the clients that failed again, this many times; then it "
                         "is skipped: the model is unchanged and the clients that did reply go back to their state "

@@ -229,3 +229,62 @@ def test_an_oversized_query_answer_is_refused_before_it_is_parsed(make_config, t
     sim.initialize()
     with pytest.raises(RunError, match=r"client 1's answer to the query \['label_histogram'\] is \d+ bytes, over"):
         sim.run()
+
+
+@pytest.fixture
+def hold(monkeypatch):
+    """Clients that hang (until released) or step slowly, by round and client; the hung threads are let go
+    and joined at the end, so nothing runs on into later tests."""
+    import threading
+    import time
+
+    from feddiff.client.runtime import ClientRuntime
+
+    release = threading.Event()
+    plan: dict[tuple[int, int], str] = {}
+    handle = ClientRuntime.handle
+
+    def patched(self, task, state, images, progress=None):
+        what = plan.get((task.config["round"], task.client))
+        if what == "hang":
+            release.wait(60)
+        if what == "slow":  # 0.3 s before every step: long, but alive
+            inner = progress
+
+            def progress():
+                time.sleep(0.3)
+                inner()
+        return handle(self, task, state, images, progress=progress)
+
+    monkeypatch.setattr(ClientRuntime, "handle", patched)
+    yield plan
+    release.set()
+    for t in threading.enumerate():
+        if t.name.startswith("feddiff-client-"):
+            t.join(30)
+
+
+def test_a_hung_client_is_given_up_and_a_slow_one_is_not(make_config, tmp_path, hold):
+    cfg = make_config(partition={"num_clients": 3, "method": "iid"}, eval=NO_EVAL, run={"num_rounds": 2},
+                      train={"local_steps": 6}, faults={"stall_s": 1.0})
+    hold.update({(0, 1): "hang", (0, 2): "slow", (1, 2): "slow"})  # client 2: 6 steps x 0.3 s = 1.8 s > 1 s
+    rd, _ = run_with(cfg, lambda r, c, a: None, tmp_path, "h")
+    m = rd.read_metrics()
+    assert m[0]["rejected"] == [{"id": 1, "reason": "TimeoutError: hung: no training step for 1 s (faults.stall_s)"}]
+    assert [c["id"] for c in m[0]["clients"]] == [0, 2] and [c["id"] for c in m[1]["clients"]] == [0, 1, 2]
+    # the client given up in round 1 is back in round 2 from its old record, on a fresh working model
+    assert torch.isfinite(torch.cat([v.flatten().double() for v in final_weights(rd).values()])).all()
+
+
+def test_a_client_past_the_deadline_is_given_up_while_it_runs(make_config, tmp_path, hold):
+    import time
+
+    cfg = make_config(partition={"num_clients": 2, "method": "iid"}, eval=NO_EVAL, run={"num_rounds": 1},
+                      faults={"deadline_s": 1.0})
+    hold.update({(0, 0): "hang"})
+    t = time.monotonic()
+    rd, _ = run_with(cfg, lambda r, c, a: None, tmp_path, "d")
+    assert time.monotonic() - t < 30  # it did not wait for the hung client (60 s)
+    rec = rd.read_metrics()[0]
+    assert rec["rejected"] == [{"id": 0, "reason": "TimeoutError: no reply within faults.deadline_s = 1 s"}]
+    assert [c["id"] for c in rec["clients"]] == [1]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
+import threading
 import time
 from typing import Any
 
@@ -26,7 +28,7 @@ from feddiff.config import Config
 from feddiff.engines.loop import EVAL_LINK, Incoming, Outgoing, RoundEvents, Server
 from feddiff.engines.evaluate import Evaluator, build_quality, load_feature_network
 from feddiff.data.partition import partition_hash
-from feddiff.engines.experiment import Experiment, load_split, partition_record
+from feddiff.engines.experiment import Experiment, ModelCache, load_split, partition_record
 from feddiff.metrics.cost import model_cost
 from feddiff.metrics.fid import FeatureStats
 from feddiff.metrics.quality import extract_features, load_stats, save_stats
@@ -61,15 +63,15 @@ class SimulatorEngine:
         for i, m in enumerate(messages):
             events.start(m.client, i, len(messages))
             record = self.clients[m.client].copy()  # a client that fails mid-round keeps its old record
-            deadline = self.exp.cfg.faults.deadline_s if rnd >= 0 else 0  # queries are not rounds
+            faults = self.exp.cfg.faults
+            deadline, stall = (faults.deadline_s, faults.stall_s) if rnd >= 0 else (0, 0)  # queries are not rounds
             shared_snapshot = self.node.runtime.shared.copy() if self.node.runtime.shared is not None else None
             try:
-                t0 = time.perf_counter()
-                blob = self.node.handle(m.client, m.blob, record, self.exp.client_data[m.client],
-                                        progress=events.step)
-                took = time.perf_counter() - t0
-                if deadline and took > deadline:  # its reply came too late: as if it never arrived
-                    raise TimeoutError(f"no reply within faults.deadline_s = {deadline:g} s (it took {took:.2f} s)")
+                if deadline or stall:
+                    blob = self._watched(m, record, events.step, deadline, stall)
+                else:
+                    blob = self.node.handle(m.client, m.blob, record, self.exp.client_data[m.client],
+                                            progress=events.step)
                 inc = Incoming(m.client, blob)
                 self.before.setdefault(m.client, self.clients[m.client])
                 self.clients[m.client] = record
@@ -80,6 +82,49 @@ class SimulatorEngine:
             events.done(inc)
             out.append(inc)
         return out
+
+    def _watched(self, m: Outgoing, record: ClientState, step, deadline: float, stall: float) -> bytes:
+        """Run one client on a worker thread, watched: past ``deadline`` seconds, or ``stall`` seconds without
+        a training step, it is given up (TimeoutError). A client that keeps stepping is never declared hung.
+
+        A thread cannot be stopped: one given up runs on in the background on a copy of the record and its
+        own working model (the others get a fresh one), and whatever it produces is thrown away.
+        """
+        box: dict[str, Any] = {}
+        finished = threading.Event()
+        last = [time.monotonic()]
+
+        def beat() -> None:
+            last[0] = time.monotonic()
+            step()
+
+        def work() -> None:
+            try:
+                box["blob"] = self.node.handle(m.client, m.blob, record, self.exp.client_data[m.client], progress=beat)
+            except BaseException as err:  # noqa: BLE001 - handed to the waiting thread
+                box["error"] = err
+            finally:
+                finished.set()
+
+        start = time.monotonic()
+        threading.Thread(target=work, name=f"feddiff-client-{m.client}", daemon=True).start()
+        while not finished.wait(0.02):
+            now = time.monotonic()
+            why = None
+            if deadline and now - start > deadline:
+                why = f"no reply within faults.deadline_s = {deadline:g} s"
+            elif stall and now - last[0] > stall:
+                why = f"hung: no training step for {stall:g} s (faults.stall_s)"
+            if why:
+                cache = self.node.runtime.model_for  # the abandoned thread keeps the working model it has
+                if isinstance(cache, ModelCache):
+                    self.node.runtime.model_for = ModelCache(cache.device, cache.seed)
+                print(f"warning: client {m.client} was given up ({why}); its training may still run in the "
+                      "background, and what it produces is discarded", file=sys.stderr, flush=True)
+                raise TimeoutError(why)
+        if "error" in box:
+            raise box["error"]
+        return box["blob"]
 
     def rollback(self, rnd: int, clients: list[int], whole_round: bool = False) -> None:
         """Put ``clients`` back to their records from before round ``rnd``: its replies were discarded
