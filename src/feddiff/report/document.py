@@ -149,6 +149,9 @@ def table_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
     cols = ["run", "method", "dataset", "split", "clients", "rounds", "metric [protocol]", "final", "best (round)",
             "IS", "KID", "held-out loss", "parameters", "MACs", *[f"MB {t}" for t in tiers], "MB total",
             "savings vs FedAvg", "wall", "status"]
+    private = any("epsilon" in r for r in rows)
+    if private:
+        cols.insert(cols.index("wall"), "DP epsilon (delta)")
     out = []
     for r in rows:
         metric = f"{r['fd_label']} [{protocols.index(r['protocol']) + 1}]" if r.get("protocol") in protocols else "-"
@@ -166,6 +169,9 @@ def table_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
             *[_mb(r["bytes_tiers"][t]) if t in r["bytes_tiers"] else "-" for t in tiers], _mb(r["bytes_total"]),
             savings, _wall(r.get("wall_s")), r["status"],
         ])
+        if private:
+            out[-1].insert(cols.index("DP epsilon (delta)"),
+                           f"{r['epsilon']:.3g} ({r['delta']:g})" if "epsilon" in r else "none")
     return cols, out
 
 

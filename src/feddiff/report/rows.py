@@ -146,6 +146,9 @@ def summarize_run(path: str | Path | RunData, name: str | None = None) -> dict[s
         "bytes": last.get("bytes_cumulative", {}),
         "wall_s": last.get("elapsed_s"),
     }
+    dp = next((r["dp"] for r in reversed(metrics) if "dp" in r), None)
+    if dp is not None:  # client-level DP: the privacy spent so far
+        row["epsilon"], row["delta"] = dp["epsilon"], dp["delta"]
     cost = next((r["model_cost"] for r in reversed(metrics) if "model_cost" in r), None)
     if cost is None:
         cost = run.manifest.get("model")
