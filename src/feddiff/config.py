@@ -288,13 +288,15 @@ class FaultsConfig(Section):
 class DPConfig(Section):
     """Client-level differential privacy, DP-FedAvg (``algorithms/dp.py``); off while noise_multiplier is 0."""
 
-    noise_multiplier: float = F(0.0, "sigma: Gaussian noise of std sigma * clip_norm / (replies aggregated) on the "
-                                     "averaged update; 0 = DP off", ge=0)
+    noise_multiplier: float = F(0.0, "sigma: Gaussian noise of std sigma * 2 * clip_norm / (clients selected) on "
+                                     "the averaged update; 0 = DP off", ge=0)
     clip_norm: float = F(0.0, "C: each client's update (reply minus what it was sent) is clipped to this L2 norm; "
                               "required when DP is on", ge=0)
     delta: float = F(1e-5, "the delta of the (epsilon, delta) guarantee the accountant reports", gt=0, lt=1)
     max_epsilon: float = F(0.0, "refuse a run whose planned rounds would spend more than this epsilon (checked "
                                 "before training, and again when a resume adds rounds); 0 = no limit", ge=0)
+    reproducible_noise: bool = F(False, "draw the noise from run.seed (exact resumes, tests) instead of the OS's "
+                                        "entropy; such a run is marked not private")
 
 
 class EvalConfig(Section):
@@ -407,10 +409,9 @@ class Config(Section):
                 f"algorithm.min_clients ({self.algorithm.min_clients}) exceeds "
                 f"partition.num_clients ({self.partition.num_clients})"
             )
-        if self.dp.noise_multiplier:  # fails closed before any training: clip, algorithm, budget
-            from feddiff.algorithms.dp import check
+        from feddiff.algorithms.dp import check  # fails closed before any training: clip, algorithm, budget
 
-            check(self)
+        check(self)
         return self
 
 

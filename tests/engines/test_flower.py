@@ -85,7 +85,7 @@ def nodes(k: int, **extra) -> dict[int, dict]:
      "compress": {"uplink": {"codec": "int8", "mode": "delta", "error_feedback": True}}},
     {"algorithm": {"name": "fedavg", "fraction": 0.5}, "prune": {"ratio": 0.5, "at": 1}},
     {"algorithm": {"name": "udec"}},  # personal models stay on the nodes
-    {"dp": {"noise_multiplier": 0.8, "clip_norm": 0.5}},  # the server's noise: the same seeded stream
+    {"dp": {"noise_multiplier": 0.8, "clip_norm": 0.5, "reproducible_noise": True}},  # the server's noise, seeded
     {"algorithm": {"name": "fedphd", "fraction": 0.5, "central_every": 2, "central_a": 500.0},
      "partition": {"num_clients": 4, "method": "pathological", "classes_per_client": 2}},
 ])

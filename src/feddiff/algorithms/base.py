@@ -209,6 +209,10 @@ class Strategy:
         """Replies to aggregate and those refused before aggregation (robust wrappers); all kept by default."""
         return replies, []
 
+    def idle_metrics(self, rnd: int) -> dict[str, Any]:
+        """What a round that aggregated nothing records (a privacy budget); nothing by default."""
+        return {}
+
     def aggregation_group(self, task: Task) -> Any:
         """Replies of one group are averaged together (a hierarchy: the client's edge); one group by default."""
         return 0
@@ -312,6 +316,9 @@ class StrategyWrapper(Strategy):
 
     def screen(self, rnd: int, replies: list[Reply]) -> tuple[list[Reply], list[Failure]]:
         return self.inner.screen(rnd, replies)
+
+    def idle_metrics(self, rnd: int) -> dict[str, Any]:
+        return self.inner.idle_metrics(rnd)
 
     def aggregation_group(self, task: Task) -> Any:
         return self.inner.aggregation_group(task)

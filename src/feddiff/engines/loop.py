@@ -390,6 +390,8 @@ class Server:
             while transfers := self.strategy.exchange(rnd, arrived):
                 arrived = self.carry(rnd, transfers)
             agg_metrics.update(self.strategy.round_metrics(rnd))
+        else:
+            agg_metrics.update(self.strategy.idle_metrics(rnd))
         if attempts or policy.policy != "quorum" or policy.min_replies > 1:  # the decision, logged per round
             agg_metrics["round_policy"] = {"policy": policy.policy, "min_replies": policy.min_replies,
                                            "attempts": attempts, "counted": not short,
