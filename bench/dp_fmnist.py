@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from _sweep_bench import run_bench_sweep, variant_rows
+from feddm_fmnist import protocol
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "feddm_vanilla.toml"
 CLIP = 1.0
@@ -35,15 +36,7 @@ VARIANTS = {
 
 
 def overrides(quick: bool) -> list[str]:
-    variants = "{" + ", ".join(f'"{k}" = {json.dumps(v)}' for k, v in VARIANTS.items()) + "}"
-    common = [f"sweep.variants={variants}", "partition.num_clients=5", 'model.preset="small"', "train.lr=2e-3",
-              'train.lr_schedule="cosine"', "train.local_steps=10", "train.warmup_steps=20",
-              'eval.sampler="ddpm"', "eval.every_rounds=0", "eval.grid_size=16", 'run.progress="lines"']
-    if quick:
-        return common + ["data.max_train_samples=400", 'model.preset="tiny"', "run.num_rounds=2", "train.local_steps=1",
-                         "eval.fid_num_samples=8", "eval.num_inference_steps=2", "eval.loss_num_samples=32",
-                         "eval.reference_num_samples=200", "eval.grid_size=1"]
-    return common + ["run.num_rounds=30", "eval.fid_num_samples=500", "eval.num_inference_steps=50"]
+    return protocol(quick, VARIANTS)  # FedDM-vanilla's, with these variants
 
 
 def main() -> None:

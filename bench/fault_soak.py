@@ -120,7 +120,7 @@ def main() -> None:
             w_hos = weights(hos)
             # nothing bad reached the model: no client whose last message of a round was faulty is among
             # that round's aggregated replies
-            last = {key: n - 1 for key, n in eng_hos._attempts.items()}
+            last = {key: n - 1 for key, n in eng_hos.attempts.items()}
             bad_last = {(r, c) for r, c, a, _ in eng_hos.injected if last[(r, c)] == a}
             leaked = sorted((rec["round"], row["id"]) for rec in m_hos for row in rec["clients"]
                             if (rec["round"] - 1, row["id"]) in bad_last)

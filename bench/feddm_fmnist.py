@@ -48,8 +48,9 @@ def toml_value(v) -> str:
     return json.dumps(v)
 
 
-def overrides(quick: bool) -> list[str]:
-    variants = "{" + ", ".join(f'"{k}" = {toml_value(v)}' for k, v in VARIANTS.items()) + "}"
+def protocol(quick: bool, variants: dict[str, list[str]]) -> list[str]:
+    """This bench's protocol (and ``bench/dp_fmnist.py``'s) as sweep overrides, running ``variants``."""
+    variants = "{" + ", ".join(f'"{k}" = {toml_value(v)}' for k, v in variants.items()) + "}"
     common = [f"sweep.variants={variants}", "partition.num_clients=5", 'model.preset="small"', "train.lr=2e-3",
               'train.lr_schedule="cosine"', "train.local_steps=10", "train.warmup_steps=20",
               'eval.sampler="ddpm"', "eval.every_rounds=0", "eval.grid_size=16", 'run.progress="lines"']
@@ -58,6 +59,10 @@ def overrides(quick: bool) -> list[str]:
                          "eval.fid_num_samples=8", "eval.num_inference_steps=2", "eval.loss_num_samples=32",
                          "eval.reference_num_samples=200", "eval.grid_size=1"]
     return common + ["run.num_rounds=30", "eval.fid_num_samples=500", "eval.num_inference_steps=50"]
+
+
+def overrides(quick: bool) -> list[str]:
+    return protocol(quick, VARIANTS)
 
 
 def main() -> None:

@@ -89,15 +89,15 @@ class FaultyEngine:
     def __init__(self, inner: Engine, plan: Plan):
         self.inner, self.plan = inner, plan
         self.injected: list[tuple[int, int, int, str]] = []  # (round, client, attempt, kind)
-        self._attempts: dict[tuple[int, int], int] = defaultdict(int)
+        self.attempts: dict[tuple[int, int], int] = defaultdict(int)  # messages per (round, client) so far
 
     def send_and_receive(self, rnd: int, messages: list[Outgoing], events: RoundEvents) -> list[Incoming]:
         if rnd < 0:  # setup queries: not a round
             return self.inner.send_and_receive(rnd, messages, events)
         kinds = {}
         for m in messages:
-            attempt = self._attempts[(rnd, m.client)]
-            self._attempts[(rnd, m.client)] += 1
+            attempt = self.attempts[(rnd, m.client)]
+            self.attempts[(rnd, m.client)] += 1
             kind = self.plan(rnd, m.client, attempt)
             if kind is not None:
                 if kind not in KINDS:

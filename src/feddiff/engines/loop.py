@@ -33,7 +33,7 @@ from feddiff.engines.progress import RoundProgress
 from feddiff.engines.tensorboard import ScalarWriter
 from feddiff.engines.validate import validate_reply
 from feddiff.metrics.cost import architecture_signature, model_cost
-from feddiff.metrics.ledger import Ledger
+from feddiff.metrics.ledger import EVAL_LINK, Ledger, training_bytes
 from feddiff.model.export import save_pipeline
 from feddiff.model.spec import ModelSpec
 from feddiff.prune.structure import to_spec
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
     from feddiff.engines.experiment import Experiment
 
 LINK = "client-server"
-EVAL_LINK = "eval"
 
 
 @dataclass
@@ -146,13 +145,13 @@ class Server:
             out.append(Outgoing(c, link, blob))
         answers: dict[int, StateDict] = {}
         asked = set(clients)
+        limit = query_limit(self.strategy.global_state())
         for inc in engine.send_and_receive(QUERY_ROUND, out, RoundEvents()):
             if inc.client not in asked or inc.client in answers:
                 continue  # an answer nobody asked for, or a second one: ignored
             if inc.error is not None or inc.blob is None:
                 raise RunError(f"client {inc.client} did not answer the query {names}: {inc.error}")
             self.link.count(link, "up", client_node(inc.client), len(inc.blob))
-            limit = query_limit(self.strategy.global_state())
             if len(inc.blob) > limit:  # refused before a byte of it is parsed
                 raise RunError(f"client {inc.client}'s answer to the query {names} is {len(inc.blob)} bytes, over "
                                f"the limit of {limit} (twice the model at fp32, plus 64 MiB for statistics)")
@@ -598,7 +597,7 @@ def live_status(rec: dict[str, Any]) -> dict[str, str]:
     value = ev.get("fd", ev.get("fd_mean"))
     if value is not None:
         out["metric"] = f"{ev.get('label', 'FD')} {value:.2f} (round {rec['round']})"
-    sent = sum(d["up"] + d["down"] for link, d in rec.get("bytes_cumulative", {}).items() if link != EVAL_LINK)
+    sent = sum(training_bytes(rec.get("bytes_cumulative", {})).values())
     out["sent"] = f"sent {_fmt_bytes(sent)}"
     return out
 

@@ -60,11 +60,11 @@ class SimulatorEngine:
         if rnd != self.round:  # records from before this round, for a round that will not count
             self.round, self.before = rnd, {}
             self.shared_before = shared.copy() if shared is not None else None
+        faults = self.exp.cfg.faults
+        deadline, stall = (faults.deadline_s, faults.stall_s) if rnd >= 0 else (0, 0)  # queries are not rounds
         for i, m in enumerate(messages):
             events.start(m.client, i, len(messages))
             record = self.clients[m.client].copy()  # a client that fails mid-round keeps its old record
-            faults = self.exp.cfg.faults
-            deadline, stall = (faults.deadline_s, faults.stall_s) if rnd >= 0 else (0, 0)  # queries are not rounds
             shared_snapshot = self.node.runtime.shared.copy() if self.node.runtime.shared is not None else None
             try:
                 if deadline or stall:

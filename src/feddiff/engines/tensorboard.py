@@ -14,6 +14,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from feddiff.metrics.ledger import training_bytes
+
 EVAL_KEYS = ("fd", "heldout_loss", "kid_mean", "is_mean")
 MISSING = ("run.tensorboard = true needs the tensorboard package, which is not installed here; install it with "
            "pip install 'feddiff[tensorboard]' (or --set run.tensorboard=false, also on --resume)")
@@ -33,13 +35,10 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
         value = ev.get(key, ev.get(f"{key}_mean"))
         if isinstance(value, (int, float)):
             out[f"eval/{ev.get('label', 'FD') if key == 'fd' else key}"] = value
-    training = 0
     for link, d in record.get("bytes_cumulative", {}).items():
         for direction in ("up", "down"):
             out[f"bytes_cumulative/{link}/{direction}"] = d.get(direction, 0)
-        if link != "eval":
-            training += d.get("up", 0) + d.get("down", 0)
-    out["bytes_cumulative/training"] = training
+    out["bytes_cumulative/training"] = sum(training_bytes(record.get("bytes_cumulative", {})).values())
     if "round" in record.get("time_s", {}):
         out["time/round_s"] = record["time_s"]["round"]
     return {k: float(v) for k, v in out.items() if math.isfinite(float(v))}

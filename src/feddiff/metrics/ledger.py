@@ -11,6 +11,13 @@ from collections import defaultdict
 from typing import Any
 
 DIRECTIONS = ("down", "up")
+EVAL_LINK = "eval"  # what evaluation asks of clients: counted, but not training traffic
+
+
+def training_bytes(by_link: dict[str, dict[str, int]]) -> dict[str, int]:
+    """Bytes per link, up + down, of a ledger summary (``bytes`` or ``bytes_cumulative`` of a round's
+    record) without the evaluation link."""
+    return {link: int(d.get("up", 0) + d.get("down", 0)) for link, d in by_link.items() if link != EVAL_LINK}
 
 
 class Ledger:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from feddiff.report.rows import RunData, metric_of, training_bytes
+from feddiff.metrics.ledger import training_bytes
+from feddiff.report.rows import RunData, metric_of
 
 
 def _plt():
@@ -114,7 +115,7 @@ def quality_vs_bytes(runs: list[RunData], out: Path) -> dict[str, Path]:
     key = "fd" if any(_series(r, "fd")[0] for r in runs) else "heldout_loss"
     name = metric_label(runs) if key == "fd" else "held-out denoising loss"
     for r in runs:
-        by_round = {m["round"]: sum(training_bytes(m).values()) / 1e6 for m in r.metrics}
+        by_round = {m["round"]: sum(training_bytes(m.get("bytes_cumulative", {})).values()) / 1e6 for m in r.metrics}
         xs, ys, _, _ = _series(r, key)
         pts = [(by_round[x], y) for x, y in zip(xs, ys) if x in by_round]
         if pts:
@@ -133,7 +134,7 @@ def quality_vs_bytes(runs: list[RunData], out: Path) -> dict[str, Path]:
 
 def bytes_per_round(runs: list[RunData], out: Path) -> dict[str, Path]:
     plt = _plt()
-    tiers = sorted({link for r in runs for m in r.metrics for link in training_bytes({"bytes_cumulative": m.get("bytes", {})})})
+    tiers = sorted({link for r in runs for m in r.metrics for link in training_bytes(m.get("bytes", {}))})
     if not tiers:
         return {}
     fig, axes = plt.subplots(1, len(tiers), figsize=(4.6 * len(tiers), 3.6), squeeze=False)

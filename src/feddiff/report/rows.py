@@ -22,9 +22,9 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
+from feddiff.metrics.ledger import training_bytes
 from feddiff.runs import RunDir, RunError
 
-EVAL_LINK = "eval"  # the evaluation link's traffic is not training traffic (engines/loop.py EVAL_LINK)
 
 
 @dataclass
@@ -66,12 +66,6 @@ def metric_of(ev: dict[str, Any], key: str) -> float | None:
     """An eval record's ``key`` for the global model, or the mean over personal models."""
     v = ev.get(key, ev.get(f"{key}_mean"))
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
-
-
-def training_bytes(record: dict[str, Any]) -> dict[str, int]:
-    """Cumulative bytes per link (up + down) up to this record, without the evaluation link."""
-    return {link: int(d.get("up", 0) + d.get("down", 0)) for link, d in record.get("bytes_cumulative", {}).items()
-            if link != EVAL_LINK}
 
 
 def method_label(config: dict[str, Any]) -> str:
@@ -125,7 +119,7 @@ def summarize_run(path: str | Path | RunData, name: str | None = None) -> dict[s
     part = cfg["partition"]
     planned = cfg["run"]["num_rounds"]
     done = last.get("round", 0)
-    tiers = training_bytes(last)
+    tiers = training_bytes(last.get("bytes_cumulative", {}))
     row: dict[str, Any] = {
         "name": run.name,
         "algorithm": cfg["algorithm"]["name"],

@@ -138,16 +138,13 @@ class FlowerEngine:
         if lost and rnd != QUERY_ROUND:
             # a node may still finish a message past its deadline and keep that round's record: ask it to
             # go back (it answers once it is free; its round check makes this a no-op if it never ran)
-            self.grid.push_messages([Message(RecordDict({SECTION: ConfigRecord({"round": rnd})}),
-                                             dst_node_id=self.node_of[messages[i].client], message_type=ROLLBACK)
-                                     for i in lost])
+            self.grid.push_messages(self._rollbacks(rnd, [messages[i].client for i in lost]))
         return results
 
     def rollback(self, rnd: int, clients: list[int], whole_round: bool = False) -> None:
         """Ask ``clients``' nodes to restore their records from before round ``rnd`` (it did not count, or
         they are asked again)."""
-        out = [Message(RecordDict({SECTION: ConfigRecord({"round": rnd})}), dst_node_id=self.node_of[c],
-                       message_type=ROLLBACK) for c in clients]
+        out = self._rollbacks(rnd, clients)
         answered: set[int] = set()
 
         def arrived(i: int, reply: Message) -> None:
@@ -158,6 +155,10 @@ class FlowerEngine:
         for c in sorted(set(clients) - answered):
             print(f"warning: round {rnd + 1}: client {c}'s node did not restore its record from before the round "
                   "(no answer); its state keeps that round's update", file=sys.stderr, flush=True)
+
+    def _rollbacks(self, rnd: int, clients: list[int]) -> list[Message]:
+        return [Message(RecordDict({SECTION: ConfigRecord({"round": rnd})}), dst_node_id=self.node_of[c],
+                        message_type=ROLLBACK) for c in clients]
 
     def personal_models(self) -> None:
         """The personal models are on the nodes: the server asks for them (``personal_model`` query)."""
