@@ -299,6 +299,19 @@ class DPConfig(Section):
                                         "entropy; such a run is marked not private")
 
 
+class EMAConfig(Section):
+    """Federated EMA of the weights (``algorithms/ema.py``): who keeps it; the EMA is evaluated and exported."""
+
+    rule: Literal["off", "server", "client", "edge"] = F(
+        "off", "server = the server averages the global model over rounds; client = each client carries the "
+        "server's EMA through its local steps and the server averages the clients' (doubles every message); edge = "
+        "hierarchies: edge EMAs synchronized at central aggregations; off = the raw model")
+    decay: float = F(0.999, "EMA decay per optimizer step (a round of S local steps decays the old average by "
+                            "decay^S)", gt=0, lt=1)
+    warmup: bool = F(False, "decay of global step t = min(decay, (1 + t) / (10 + t)) (diffusers' EMA warm-up)")
+    evaluate_raw: bool = F(False, "evaluate the raw global model too, as side model 'raw' (not exported)")
+
+
 class EvalConfig(Section):
     every_rounds: int = F(0, "evaluate every N rounds; 0 = only after the last round", ge=0)
     sampler: Literal["ddim", "ddpm"] = F("ddim", "sampler for sample grids")
@@ -354,6 +367,7 @@ class Config(Section):
     robust: RobustConfig = RobustConfig()
     faults: FaultsConfig = FaultsConfig()
     dp: DPConfig = DPConfig()
+    ema: EMAConfig = EMAConfig()
     eval: EvalConfig = EvalConfig()
     sweep: SweepConfig = SweepConfig()
 
@@ -412,6 +426,9 @@ class Config(Section):
         from feddiff.algorithms.dp import check  # fails closed before any training: clip, algorithm, budget
 
         check(self)
+        from feddiff.algorithms.ema import check as check_ema
+
+        check_ema(self)
         return self
 
 

@@ -87,7 +87,9 @@ def nodes(k: int, **extra) -> dict[int, dict]:
     {"algorithm": {"name": "udec"}},  # personal models stay on the nodes
     {"dp": {"noise_multiplier": 0.8, "clip_norm": 0.5, "reproducible_noise": True}},  # the server's noise, seeded
     {"algorithm": {"name": "fedphd", "fraction": 0.5, "central_every": 2, "central_a": 500.0},
-     "partition": {"num_clients": 4, "method": "pathological", "classes_per_client": 2}},
+     "partition": {"num_clients": 4, "method": "pathological", "classes_per_client": 2},
+     "ema": {"rule": "edge", "decay": 0.9}},  # edge EMAs synchronized through the edge-cloud link
+    {"ema": {"rule": "client", "decay": 0.9, "warmup": True}},  # the EMA rides with the model both ways
 ])
 def test_flower_engine_gives_the_simulators_weights_and_bytes(make_config, tmp_path, task_identity, sections,
                                                              monkeypatch):
@@ -99,6 +101,10 @@ def test_flower_engine_gives_the_simulators_weights_and_bytes(make_config, tmp_p
     flower = RunDir.open(apps.server_main(grid, app / "feddiff_flower_app" / "feddiff_run.json"))
     a, b = final_weights(sim), final_weights(flower)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if "ema" in sections:  # the EMA, not only the model it averages
+        ea, eb = ({k: v for k, v in rd.latest_checkpoint()[1].items() if k.startswith("strategy/ema")}
+                  for rd in (sim, flower))
+        assert ea and ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
     ms, mf = sim.read_metrics(), flower.read_metrics()
     training = [[{k: v for k, v in r["bytes"].items() if k != "eval"} for r in m] for m in (ms, mf)]
     assert training[0] == training[1]  # the same frames cross the same links
@@ -253,6 +259,10 @@ def same_as_simulator(cfg, flower: RunDir) -> None:
         torch.set_num_threads(threads)
     a, b = final_weights(sim), final_weights(flower)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if "ema" in sections:  # the EMA, not only the model it averages
+        ea, eb = ({k: v for k, v in rd.latest_checkpoint()[1].items() if k.startswith("strategy/ema")}
+                  for rd in (sim, flower))
+        assert ea and ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
     assert [r["bytes"] for r in sim.read_metrics()] == [r["bytes"] for r in flower.read_metrics()]
 
 

@@ -10,6 +10,7 @@ from feddiff.algorithms.registry import (
     ALGORITHMS, WRAPPERS, Algorithm, Wrapper, client_hook, get_algorithm, make_strategy, register, register_wrapper,
     strategy_from,
 )
+from feddiff.algorithms import ema as _ema_wrapper  # noqa: F401, E402 - registers the [ema] wrapper
 from feddiff.algorithms import dp as _dp_wrapper  # noqa: F401, E402 - registers the [dp] wrapper
 from feddiff.algorithms import robust as _robust_wrapper  # noqa: F401, E402 - registers the [robust] wrapper
 from feddiff.prune import wrapper as _prune_wrapper  # noqa: F401, E402 - registers the [prune] wrapper

@@ -69,11 +69,14 @@ def metric_of(ev: dict[str, Any], key: str) -> float | None:
 
 
 def method_label(config: dict[str, Any]) -> str:
-    """The algorithm plus what wraps it: codecs and pruning (e.g. ``fedphd + prune 0.2@init + up int8``)."""
+    """The algorithm plus what wraps it: pruning, EMA, codecs (e.g. ``fedphd + prune 0.2@init + EMA edge + up int8``)."""
     label = config["algorithm"]["name"]
     prune = config.get("prune", {})
     if prune.get("ratio", 0) > 0:
         label += f" + prune {prune['ratio']:g}@{prune['at']}"
+    ema = config.get("ema", {})
+    if ema.get("rule", "off") != "off":
+        label += f" + EMA {ema['rule']} {ema['decay']:g}"
     for direction in ("uplink", "downlink"):
         c = config.get("compress", {}).get(direction, {})
         if c.get("codec", "identity") != "identity":
