@@ -87,6 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--client", type=int, default=None, help="UDEC/ULATDEC runs: sample client K's personal model")
 
+    p = sub.add_parser("personalize", help="fine-tune a run's final model on each client's own data, and evaluate",
+                       description="Each client fine-tunes the model it would sample from (the global model, its "
+                                   "EMA, or its personal model) on its own train images; nothing is sent. Each "
+                                   "model is evaluated against the reference split and against the client's own "
+                                   "label distribution, before and after. Writes RUN_DIR/personalize.json, "
+                                   "RUN_DIR/personalized/client<k> and samples/personalized-client<k>.png.")
+    p.add_argument("run_dir", help="a run folder (simulator)")
+    p.add_argument("--steps", type=_int_at_least(1), default=None,
+                   help="fine-tuning steps per client (default: the run's personalize.steps)")
+    p.add_argument("--groups", default=None,
+                   help="comma-separated parameter groups to fine-tune: encoder, latent, decoder (default: all)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the run's train.lr)")
+    p.add_argument("--clients", default=None, help="comma-separated client ids (default: every client)")
+    _add_set(p)
+
     p = sub.add_parser("eval", help="FD / KID / IS (and held-out loss) of a run's checkpoint",
                        description="Evaluate the model of a checkpoint (default: the newest) with the run's eval "
                                    "settings, overridden by the options; personal models (UDEC/ULATDEC) one by one. "

@@ -339,6 +339,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def cmd_personalize(args: argparse.Namespace) -> int:
+    from feddiff.engines.personalize import personalize
+
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"personalize.steps={args.steps}")
+    if args.groups is not None:
+        overrides.append(f"personalize.groups={json.dumps([g.strip() for g in args.groups.split(',') if g.strip()])}")
+    if args.lr is not None:
+        overrides.append(f"personalize.lr={args.lr}")
+    clients = _int_list(args.clients, "--clients") if args.clients is not None else None
+    console = _console()
+    record = personalize(args.run_dir, overrides, clients, log=lambda m: console.print(escape(m)))
+    table = Table(title=f"{args.run_dir}: {record['steps']} fine-tuning steps per client from {record['start']} "
+                        f"({', '.join(record['groups'])}); 0 bytes sent")
+    cols = [("heldout_loss", "held-out loss", ".4f"), ("fd", "FD", ".3f"), ("fd_own", "FD own", ".3f")]
+    table.add_column("client")
+    for _, label, _ in cols:
+        table.add_column(f"{label} before", justify="right")
+        table.add_column(f"{label} after", justify="right")
+    for node, r in record["clients"].items():
+        cells = [node]
+        for key, _, spec in cols:
+            cells += [format(r[side][key], spec) if key in r[side] else "-" for side in ("before", "after")]
+        table.add_row(*cells)
+    console.print(table)
+    console.print(f"written: {Path(args.run_dir) / 'personalize.json'}")
+    return 0
+
+
 def cmd_features(args: argparse.Namespace) -> int:
     from feddiff.engines.evaluate import DOMAIN_NET_SEED, cache_dir
     from feddiff.config import EvalConfig
@@ -356,4 +393,5 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "sample": cmd_sample, "partition": cmd_partition, "config": cmd_config,
-            "model-info": cmd_model_info, "prune": cmd_prune, "flower": cmd_flower, "sweep": cmd_sweep, "report": cmd_report, "eval": cmd_eval, "features": cmd_features}
+            "model-info": cmd_model_info, "prune": cmd_prune, "flower": cmd_flower, "sweep": cmd_sweep, "report": cmd_report, "eval": cmd_eval, "features": cmd_features,
+            "personalize": cmd_personalize}

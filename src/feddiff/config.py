@@ -312,6 +312,24 @@ class EMAConfig(Section):
     evaluate_raw: bool = F(False, "evaluate the raw global model too, as side model 'raw' (not exported)")
 
 
+class PersonalizeConfig(Section):
+    """Personalised fine-tuning after the last round (FedDM's model adaptation; ``engines/personalize.py``)."""
+
+    steps: int = F(0, "local fine-tuning steps of the final model on each client's own data; 0 = no phase", ge=0)
+    groups: list[str] = F([], "parameter groups fine-tuned (encoder, latent, decoder); empty = every parameter")
+    lr: float = F(0.0, "fine-tuning learning rate; 0 = train.lr", ge=0)
+
+    @field_validator("groups")
+    @classmethod
+    def _known_groups(cls, v: list[str]) -> list[str]:
+        from feddiff.model.parts import GROUPS
+
+        bad = [g for g in v if g not in GROUPS]
+        if bad:
+            raise ValueError(f"unknown parameter groups {bad}; choose from {list(GROUPS)}")
+        return v
+
+
 class EvalConfig(Section):
     every_rounds: int = F(0, "evaluate every N rounds; 0 = only after the last round", ge=0)
     sampler: Literal["ddim", "ddpm"] = F("ddim", "sampler for sample grids")
@@ -368,6 +386,7 @@ class Config(Section):
     faults: FaultsConfig = FaultsConfig()
     dp: DPConfig = DPConfig()
     ema: EMAConfig = EMAConfig()
+    personalize: PersonalizeConfig = PersonalizeConfig()
     eval: EvalConfig = EvalConfig()
     sweep: SweepConfig = SweepConfig()
 

@@ -55,6 +55,21 @@ def load_feature_network(cfg: Config, device: torch.device, log: Callable[[str],
     return net.to(device)
 
 
+def reference_subset(e: EvalConfig, num_images: int) -> np.ndarray | None:
+    """The rows of the reference split that make the reference (eval.reference_num_samples); None: all."""
+    if 0 < e.reference_num_samples < num_images:
+        rng = numpy_rng(DOMAIN_NET_SEED, "reference-subset")
+        return np.sort(rng.choice(num_images, e.reference_num_samples, replace=False))
+    return None
+
+
+def reference_key(cfg: Config) -> dict[str, Any]:
+    """What the cached reference features depend on, beyond the images themselves."""
+    e = cfg.eval
+    return {"dataset": cfg.data.dataset, "split": e.reference_split, "image_size": cfg.data.image_size,
+            "resize": cfg.data.resize, "subset": e.reference_num_samples}
+
+
 def build_quality(
     cfg: Config, net, reference_images: torch.Tensor | None, reference_stats: FeatureStats | None = None,
 ) -> tuple[QualityMetrics, dict[str, Any]]:
@@ -72,13 +87,10 @@ def build_quality(
         return QualityMetrics(net, reference_stats, seed=cfg.run.seed), protocol
     assert reference_images is not None
     images = reference_images
-    if 0 < e.reference_num_samples < len(images):
-        rng = numpy_rng(DOMAIN_NET_SEED, "reference-subset")
-        idx = np.sort(rng.choice(len(images), e.reference_num_samples, replace=False))
+    idx = reference_subset(e, len(images))
+    if idx is not None:
         images = images[torch.from_numpy(idx)]
-    key = {"dataset": cfg.data.dataset, "split": e.reference_split, "image_size": cfg.data.image_size,
-           "resize": cfg.data.resize, "subset": e.reference_num_samples}
-    feats = reference_features(net, images, cache_dir=cache_dir(e), key=key)
+    feats = reference_features(net, images, cache_dir=cache_dir(e), key=reference_key(cfg))
     protocol.update(reference=f"{e.reference_split} split", reference_size=len(images))
     return QualityMetrics(net, feats, seed=cfg.run.seed), protocol
 
@@ -127,16 +139,17 @@ class Evaluator:
         size = images.shape[-1]
         return save_png(make_grid(to_uint8(images).cpu()), path, scale=max(1, math.ceil(64 / size)))
 
-    def quality_metrics(self, model: UNet2DModel) -> dict[str, Any]:
-        """FD / KID / IS of ``fid_num_samples`` images sampled from fixed noise, with their protocol."""
+    def quality_metrics(self, model: UNet2DModel, references: dict[str, FeatureStats] | None = None) -> dict[str, Any]:
+        """FD / KID / IS of ``fid_num_samples`` images sampled from fixed noise, with their protocol; with
+        ``references``, ``fd_vs``: the FD of the same images against each (e.g. clients' own distributions)."""
         assert self.quality is not None
         metrics, protocol = self.quality
         g = torch_generator(self.device, self.seed, "fid-samples")
         images = sample(model, self.scheduler, self.cfg.fid_num_samples, g, self.cfg.sampler,
                         self.cfg.num_inference_steps, self.cfg.timestep_spacing)
-        out = metrics.compute(images)
+        out = metrics.compute(images, references)
         ran = {k: out[k] for k in ("kid_subsets", "kid_subset_size", "is_splits", "is_split_size", "is_left_out") if k in out}
-        return {k: out[k] for k in ("fd", "kid_mean", "kid_std", "is_mean", "is_std") if k in out} | {
+        return {k: out[k] for k in ("fd", "fd_vs", "kid_mean", "kid_std", "is_mean", "is_std") if k in out} | {
             "label": out["label"], "protocol": protocol | ran}
 
     def __call__(self, model: UNet2DModel, samples_dir: Path, tag: str) -> dict[str, Any]:

@@ -246,7 +246,12 @@ class Simulator:
 
     def run(self) -> RunDir:
         """The rounds left; returns the run folder."""
-        return self.server.run(self.engine, reference=lambda engine: self.prepare_quality(engine))
+        run_dir = self.server.run(self.engine, reference=lambda engine: self.prepare_quality(engine))
+        if self.cfg.personalize.steps:  # the run ends with each client fine-tuning its model on its own data
+            from feddiff.engines.personalize import run_phase
+
+            run_phase(self, self.cfg.run.num_rounds, self.cfg.personalize, log=lambda m: print(m, flush=True))
+        return run_dir
 
     def evaluate(self, rounds_done: int, prefix: str = "eval") -> dict[str, Any]:
         """Evaluate the current state (``feddiff eval``), without exporting."""

@@ -294,7 +294,8 @@ class QualityMetrics:
         self.kid_subsets, self.kid_subset_size, self.is_splits = kid_subsets, kid_subset_size, is_splits
         self.seed, self.batch_size = seed, batch_size
 
-    def compute(self, fake_images: torch.Tensor) -> dict[str, float | str | int]:
+    def compute(self, fake_images: torch.Tensor,
+                references: dict[str, FeatureStats] | None = None) -> dict[str, Any]:
         """Score generated images, float in [-1, 1] (N, C, H, W) as the sampler returns them.
 
         Returns
@@ -304,7 +305,9 @@ class QualityMetrics:
             ``kid_mean``, ``kid_std``, ``kid_subsets``, ``kid_subset_size`` (when reference
             features are available), ``is_mean``, ``is_std``, ``is_splits`` (the splits that ran),
             ``is_split_size`` (images in each), ``is_left_out`` (images in no split: N mod
-            splits), ``label``, ``feature_net``, ``num_fake``, ``num_real``.
+            splits), ``label``, ``feature_net``, ``num_fake``, ``num_real``; with ``references``
+            (name -> statistics of another real set, e.g. one client's own distribution), ``fd_vs``:
+            name -> the FD of the same generated images against it.
         """
         check_images(fake_images, (1, 3), "QualityMetrics.compute")
         n = int(fake_images.shape[0])
@@ -314,7 +317,9 @@ class QualityMetrics:
         unit = to_uint8(fake_images.detach().to("cpu", torch.float32)).float() / 255
         feats, logits = extract_features(self.net, unit, batch_size=self.batch_size, with_logits=True)
         fake = torch.from_numpy(feats).to(torch.float64)
-        out: dict[str, float | str | int] = {"fd": self._fd(fake)}
+        out: dict[str, Any] = {"fd": self._fd(fake, self.real_stats)}
+        if references:
+            out["fd_vs"] = {name: self._fd(fake, stats) for name, stats in references.items()}
         if self.real_features is not None:
             size = min(self.kid_subset_size, len(self.real_features), n)
             out["kid_mean"], out["kid_std"] = self._kid(fake, size)
@@ -326,14 +331,15 @@ class QualityMetrics:
                    num_real=int(self.real_stats.n))
         return out
 
-    def _fd(self, fake: torch.Tensor) -> float:
+    def _fd(self, fake: torch.Tensor, real: FeatureStats) -> float:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         metric = FrechetInceptionDistance(feature=_Passthrough(fake.shape[1]))
         # the real side as sums: exactly what torchmetrics would accumulate from the real features
-        metric.real_features_sum = torch.from_numpy(self.real_stats.sum.copy())
-        metric.real_features_cov_sum = torch.from_numpy(self.real_stats.outer.copy())
-        metric.real_features_num_samples = torch.tensor(int(self.real_stats.n))
+        metric.real_features_sum = torch.from_numpy(real.sum.copy())
+        metric.real_features_cov_sum = torch.from_numpy(real.outer.copy())
+        # a count, or a sum of weights (a reweighted reference): torchmetrics only divides by it
+        metric.real_features_num_samples = torch.tensor(real.n, dtype=torch.float64)
         metric.update(fake, real=False)
         return float(metric.compute())
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from feddiff.report.figures import all_figures
-from feddiff.report.rows import RunData, compare, last_grid, load_run, summarize_run
+from feddiff.report.rows import RunData, compare, last_grid, load_run, personalized_cells, summarize_run
 from feddiff.runs import RunError, atomic_write_json
 
 
@@ -199,6 +199,12 @@ def _markdown(title: str, rows: list[dict[str, Any]], figures: dict[str, Path], 
     if protocols:
         lines += ["", "Image-quality protocols:", *[f"{i}. {md(p)}" for i, p in enumerate(protocols, 1)]]
     lines += [f"- note: {md(p)}" for p in problems]
+    pcols, pcells = personalized_cells(rows)
+    if pcells:
+        lines += ["", "## Global vs personalised (fine-tuned on each client's own data; 0 bytes sent)", "",
+                  "Mean ± std over clients [min, max], before and after fine-tuning.", "",
+                  "| " + " | ".join(md(c) for c in pcols) + " |", "|" + "---|" * len(pcols)]
+        lines += ["| " + " | ".join(md(c) for c in row) + " |" for row in pcells]
     for heading, path in figures.items():
         lines += ["", f"## {md(heading)}", "", f"![{md(heading)}]({path.relative_to(out).as_posix()})"]
     if grids:
@@ -253,6 +259,14 @@ def _html(title: str, rows: list[dict[str, Any]], figures: dict[str, Path], grid
     if protocols:
         parts.append("<p>Image-quality protocols:</p><ol>" + "".join(f"<li>{e(p)}</li>" for p in protocols) + "</ol>")
     parts += [f"<p class='note'>note: {e(p)}</p>" for p in problems]
+    pcols, pcells = personalized_cells(rows)
+    if pcells:
+        parts.append("<h2>Global vs personalised (fine-tuned on each client's own data; 0 bytes sent)</h2>"
+                     "<p>Mean ± std over clients [min, max], before and after fine-tuning.</p>"
+                     "<div style='overflow-x:auto'><table><thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in pcols)
+                     + "</tr></thead><tbody>")
+        parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in pcells]
+        parts.append("</tbody></table></div>")
     for heading, path in figures.items():
         parts.append(f"<h2>{e(heading)}</h2><img alt='{e(heading)}' src='{_data_uri(path)}'>")
     if grids:
@@ -324,6 +338,15 @@ def build_report(paths: list[str | Path], out: str | Path, title: str | None = N
                 copied.append(out / "grids" / name)
             if copied:
                 grids[r.name] = copied
+            tuned = []  # the fine-tuned models' grids, beside the model they started from
+            for node, c in sorted(r.personalize.get("clients", {}).items()):
+                src = r.path / c.get("after", {}).get("grid", "-")
+                if src.is_file():
+                    name = f"{i + 1:02d}-{_safe(r.name)}-personalized-{_safe(node)}.png"
+                    shutil.copyfile(src, tmp / "grids" / name)
+                    tuned.append(out / "grids" / name)
+            if tuned:
+                grids[f"{r.name} (personalised)"] = tuned
         in_tmp = {k: tmp / p.relative_to(out) for k, p in figures.items()}
         grids_tmp = {k: [tmp / p.relative_to(out) for p in ps] for k, ps in grids.items()}
         atomic_write_json(tmp / "summary.json", rows)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ class RunData:
     metrics: list[dict[str, Any]]
     manifest: dict[str, Any]
     partition: dict[str, Any]
+    personalize: dict[str, Any] = field(default_factory=dict)  # personalize.json: the fine-tuning phase
 
     @property
     def evals(self) -> list[tuple[int, dict[str, Any]]]:
@@ -59,7 +60,7 @@ def load_run(path: str | Path, name: str | None = None) -> RunData:
             return {}
 
     return RunData(rd.path, name or rd.path.name, config, rd.read_metrics(), optional("manifest.json"),
-                   optional("partition.json"))
+                   optional("partition.json"), optional("personalize.json"))
 
 
 def metric_of(ev: dict[str, Any], key: str) -> float | None:
@@ -151,6 +152,9 @@ def summarize_run(path: str | Path | RunData, name: str | None = None) -> dict[s
         cost = run.manifest.get("model")
     if cost is not None:  # the final architecture's size (pruned runs record it again when it changes)
         row["parameters"], row["macs"] = cost["parameters"], cost["macs"]
+    if run.personalize.get("summary"):  # global vs personalised, means over clients (personalize.json)
+        row["personalized"] = {"steps": run.personalize.get("steps"), "groups": run.personalize.get("groups"),
+                               **run.personalize["summary"]}
     for key in ("heldout_loss", "fd", "kid_mean", "is_mean"):
         if key in ev:
             row[key] = ev[key]
@@ -206,6 +210,33 @@ def compare(rows: list[dict[str, Any]], baseline: str = "fedavg",
         r["savings"] = 1 - r["bytes_total"] / b["bytes_total"]
         r["baseline"] = b["name"]
     return rows
+
+
+PERSONAL_METRICS = (("heldout_loss", "held-out loss", 4), ("fd", "FD (reference split)", 2),
+                    ("fd_own", "FD (own distribution)", 2))
+
+
+def personalized_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Global vs personalised: per run with a fine-tuning phase, each metric's mean +- std over clients
+    [min, max], before (the model each client started from) and after fine-tuning."""
+    cols = ["run", "method", "steps", "groups"] + [f"{label} {side}" for _, label, _ in PERSONAL_METRICS
+                                                    for side in ("before", "after")]
+    cells = []
+    for r in rows:
+        p = r.get("personalized")
+        if not p:
+            continue
+        line = [r["name"], r["method"], str(p.get("steps")), ", ".join(p.get("groups") or ["all"])]
+        for key, _, digits in PERSONAL_METRICS:
+            for side in ("before", "after"):
+                s = p.get(side, {})
+                if f"{key}_mean" not in s:
+                    line.append("-")
+                    continue
+                line.append(f"{s[f'{key}_mean']:.{digits}f} ± {s[f'{key}_std']:.{digits}f} "
+                            f"[{s[f'{key}_min']:.{digits}f}, {s[f'{key}_max']:.{digits}f}]")
+        cells.append(line)
+    return cols, cells
 
 
 def _fmt(v: Any, spec: str = ".4f") -> str:

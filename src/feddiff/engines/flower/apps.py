@@ -41,6 +41,9 @@ def check_flower_config(cfg: Config) -> None:
     if cfg.eval.federated_reference:
         raise ConfigError("eval.federated_reference is not available on the Flower engine yet; use reference "
                           "statistics from the server's reference split")
+    if cfg.personalize.steps:
+        raise ConfigError("personalize.steps > 0 on Flower: the fine-tuning phase needs every client's data in "
+                          "one process (the simulator); on a real federation each site fine-tunes its own copy")
 
 
 def with_node_edges(cfg: Config, found: dict[int, dict[str, Any]]) -> Config:

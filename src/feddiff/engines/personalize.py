@@ -1,0 +1,194 @@
+"""Personalised fine-tuning: each client adapts the final model to its own data (FedDM's model adaptation).
+
+Vora et al. 2024 (FedDM, https://arxiv.org/abs/2407.14730) adapt the global model to each client by
+fine-tuning it on the client's data. Here it is a phase after the last round (``[personalize]``, or
+``feddiff personalize RUN_DIR`` on a finished run): every client starts from the model it would sample
+from (the global model, its EMA when there is one, or its own personal model for UDEC/ULATDEC), trains it
+for ``steps`` local steps on its own train images (only the parameter ``groups`` asked for; the rest is
+frozen), and the result is evaluated. Nothing leaves a client: no message is sent, and the phase's record
+says 0 bytes.
+
+Evaluation uses the per-client protocol of the personal-model schemes: each model's held-out loss and FD
+against the reference split (the global distribution) and against the client's own distribution (the
+reference split reweighted to the client's label shares, :func:`~feddiff.metrics.fid.reweighted_stats`),
+summarized as mean, std, min and max over clients, before and after fine-tuning. The record goes to
+``RUN_DIR/personalize.json``, the models to ``RUN_DIR/personalized/client<k>`` (``DDPMPipeline`` folders),
+their grids to ``samples/personalized-client<k>.png``; ``feddiff report`` shows global vs personalised.
+
+The phase needs every client's data in one process: the simulator (a Flower run refuses it; each site
+would fine-tune its own copy).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from feddiff.client.train import train_local
+from feddiff.config import ConfigError, PersonalizeConfig, apply_overrides, config_from_dict, load_resolved
+from feddiff.engines.evaluate import cache_dir, reference_key, reference_subset, summarize
+from feddiff.engines.experiment import build_experiment, load_split
+from feddiff.metrics.fid import FeatureStats, reweighted_stats
+from feddiff.metrics.quality import reference_features
+from feddiff.model.export import save_pipeline
+from feddiff.model.parts import group_of
+from feddiff.runs import RunDir, RunError
+from feddiff.seeding import global_rng, torch_generator
+from feddiff.types import StateDict, clone_state, client_node
+
+PHASE_FILE = "personalize.json"
+MODELS_DIR = "personalized"
+
+
+def client_references(cfg, net, histograms: dict[int, np.ndarray], log: Callable[[str], None]) -> dict[int, FeatureStats]:
+    """Each client's own distribution: the reference split's features reweighted to its label shares."""
+    ref = load_split(cfg, cfg.eval.reference_split)
+    if ref.labels is None:
+        log("note: the reference split has no labels; FD against each client's own distribution is skipped")
+        return {}
+    idx = reference_subset(cfg.eval, len(ref.images))
+    images, labels = (ref.images, ref.labels) if idx is None else (ref.images[torch.from_numpy(idx)],
+                                                                    ref.labels[torch.from_numpy(idx)])
+    feats = reference_features(net, images, cache_dir=cache_dir(cfg.eval), key=reference_key(cfg))
+    out = {}
+    for k, hist in histograms.items():
+        try:
+            out[k] = reweighted_stats(feats, labels.numpy(), hist)
+        except ValueError as err:  # a class the client holds is missing from a small reference subset
+            log(f"note: client {k}: no own-distribution reference ({err})")
+    return out
+
+
+def _frozen(model: torch.nn.Module, groups: list[str]) -> list[torch.nn.Parameter]:
+    """Freeze the parameters outside ``groups`` (none when empty); returns those frozen."""
+    if not groups:
+        return []
+    out = [p for n, p in model.named_parameters() if group_of(n) not in groups and p.requires_grad]
+    for p in out:
+        p.requires_grad_(False)
+    return out
+
+
+def run_phase(sim, rounds_done: int, pcfg: PersonalizeConfig, clients: list[int] | None = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fine-tune, evaluate and export each client's model; writes ``personalize.json``; returns the record."""
+    exp, server, cfg = sim.exp, sim.server, sim.cfg
+    t0 = time.perf_counter()
+    sim.prepare_quality()
+    evaluator = server.evaluator
+    clients = list(range(exp.num_clients)) if clients is None else clients
+    bad = [k for k in clients if not 0 <= k < exp.num_clients]
+    if bad:
+        raise ConfigError(f"clients {bad} do not exist; this run has clients 0..{exp.num_clients - 1}")
+    starts = server.eval_models(sim.engine)
+    personal = exp.strategy.personalized
+    missing = [k for k in clients if personal and client_node(k) not in starts]
+    if missing:
+        log(f"note: clients {missing} never trained a personal model; they are skipped")
+        clients = [k for k in clients if k not in missing]
+
+    histograms = {k: np.bincount(exp.client_data[k].labels.numpy(), minlength=exp.train.num_classes)
+                  for k in clients if exp.client_data[k].labels is not None}
+    refs = client_references(cfg, evaluator.quality[0].net, histograms, log) if evaluator.quality else {}
+    model, spec_now = server.working_model(), exp.strategy.spec or exp.spec
+    samples = sim.run_dir.path / "samples"
+
+    def score(state: StateDict, own: dict[str, FeatureStats]) -> dict[str, Any]:
+        model.load_state_dict(state)
+        out: dict[str, Any] = {}
+        if evaluator.heldout is not None:
+            out["heldout_loss"] = evaluator.heldout_loss(model)
+        if evaluator.quality is not None:
+            q = evaluator.quality_metrics(model, own)
+            out["fd"] = q["fd"]
+            out["fd_vs"] = q.get("fd_vs", {})
+        return out
+
+    # before: the model each client starts from (the global one is sampled once and scored against every client)
+    before: dict[str, dict[str, Any]] = {}
+    if not personal:
+        g = score(starts["global"], {client_node(k): refs[k] for k in clients if k in refs})
+        for k in clients:
+            before[client_node(k)] = {key: g[key] for key in ("heldout_loss", "fd") if key in g}
+            if client_node(k) in g.get("fd_vs", {}):
+                before[client_node(k)]["fd_own"] = g["fd_vs"][client_node(k)]
+    else:
+        for k in clients:
+            s = score(starts[client_node(k)], {"own": refs[k]} if k in refs else {})
+            before[client_node(k)] = {key: s[key] for key in ("heldout_loss", "fd") if key in s}
+            if "own" in s.get("fd_vs", {}):
+                before[client_node(k)]["fd_own"] = s["fd_vs"]["own"]
+
+    # fine-tune each client on its own data; nothing is sent
+    spec = replace(exp.runtime.spec, local_steps=pcfg.steps, warmup_steps=0, lr=pcfg.lr or exp.runtime.spec.lr)
+    after: dict[str, dict[str, Any]] = {}
+    for k in clients:
+        node = client_node(k)
+        model.load_state_dict(starts["global"] if not personal else starts[node])
+        frozen = _frozen(model, pcfg.groups)
+        try:
+            gen = torch_generator(exp.device, cfg.run.seed, "personalize", k)
+            with global_rng(exp.device, cfg.run.seed, "personalize-dropout", k):
+                result = train_local(model, exp.client_data[k].images, spec, exp.scheduler, gen)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        trained = clone_state(model.state_dict())
+        s = score(trained, {"own": refs[k]} if k in refs else {})
+        after[node] = {key: s[key] for key in ("heldout_loss", "fd") if key in s}
+        if "own" in s.get("fd_vs", {}):
+            after[node]["fd_own"] = s["fd_vs"]["own"]
+        after[node]["train_loss"] = result.loss
+        model.load_state_dict(trained)
+        if cfg.eval.grid_size:
+            grid = evaluator.sample_grid(model, samples / f"personalized-{node}.png")
+            after[node]["grid"] = str(grid.relative_to(sim.run_dir.path))
+        save_pipeline(model, spec_now, exp.scheduler, sim.run_dir.path / MODELS_DIR / node)
+        line = f"personalize {node}: {pcfg.steps} steps, train loss {result.loss:.4f}"
+        for key, label in (("heldout_loss", "heldout"), ("fd", "FD"), ("fd_own", "FD own")):
+            if key in after[node]:
+                line += f"  {label} {before[node].get(key, float('nan')):.4f} -> {after[node][key]:.4f}"
+        log(line)
+
+    record = {
+        "rounds": rounds_done, "steps": pcfg.steps, "groups": pcfg.groups or ["all"],
+        "lr": spec.lr, "start": "personal models" if personal else (
+            "the EMA" if cfg.ema.rule != "off" else "the global model"),
+        "clients": {node: {"before": before[node], "after": after[node]} for node in after},
+        "summary": {"before": summarize({n: before[n] for n in after}), "after": summarize(after)},
+        "protocol": evaluator.quality[1] if evaluator.quality else None,
+        "own_reference": "the reference split reweighted to each client's label shares" if refs else None,
+        "bytes": 0,  # no message is sent: the clients keep their data and their models
+        "elapsed_s": round(time.perf_counter() - t0, 3),
+    }
+    sim.run_dir.write_json(PHASE_FILE, record)
+    return record
+
+
+def personalize(path: str | Path, overrides: list[str] = (), clients: list[int] | None = None,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``feddiff personalize``: the phase on a run folder's newest checkpoint (``personalize.*`` overrides)."""
+    from feddiff.engines.simulator import Simulator
+
+    run_dir = RunDir.open(path)
+    cfg = load_resolved(run_dir.config_path)
+    raw = apply_overrides(cfg.model_dump(mode="json"), list(overrides), allowed=("personalize.",),
+                          where="in feddiff personalize (it changes personalize.* settings only)")
+    cfg = config_from_dict(raw, f"{run_dir.config_path} with {' '.join(overrides)}")
+    if cfg.personalize.steps == 0:
+        raise ConfigError("personalize.steps is 0: give the fine-tuning steps (--steps N)")
+    manifest = run_dir.path / "manifest.json"
+    engine = run_dir.read_json("manifest.json").get("engine", "simulator") if manifest.exists() else "simulator"
+    if engine != "simulator" and cfg.algorithm.name in ("udec", "ulatdec"):
+        raise RunError(f"{run_dir.path} was trained on {engine}: its personal models are on the nodes")
+    sim = Simulator(build_experiment(cfg), run_dir)
+    done = sim.restore()
+    return run_phase(sim, done, cfg.personalize, clients, log)
+
+
+__all__ = ["MODELS_DIR", "PHASE_FILE", "client_references", "personalize", "run_phase"]
