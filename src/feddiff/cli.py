@@ -102,6 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", default=None, help="comma-separated client ids (default: every client)")
     _add_set(p)
 
+    p = sub.add_parser("audit", help="how close a run's samples come to each client's training images",
+                       description="Generate images from the run's released model and compare them with each "
+                                   "client's training images: nearest-neighbour distances (pixels, features), "
+                                   "near-copies by Carlini et al. 2023's criterion with the closest pairs as an "
+                                   "image strip, and a loss-threshold membership-inference AUC against "
+                                   "label-matched held-out images. Writes RUN_DIR/audit.json and RUN_DIR/audit/.")
+    p.add_argument("run_dir", help="a run folder (its clients' data must be readable here)")
+    p.add_argument("--num-samples", type=_int_at_least(2), default=None,
+                   help="generated images (default: the run's audit.num_samples)")
+    p.add_argument("--threshold", type=float, default=None, help="near-copy threshold (default: audit.threshold)")
+    p.add_argument("--clients", default=None, help="comma-separated client ids (default: every client)")
+    _add_set(p)
+
     p = sub.add_parser("eval", help="FD / KID / IS (and held-out loss) of a run's checkpoint",
                        description="Evaluate the model of a checkpoint (default: the newest) with the run's eval "
                                    "settings, overridden by the options; personal models (UDEC/ULATDEC) one by one. "

@@ -376,6 +376,39 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from feddiff.engines.audit import audit
+
+    overrides = list(args.overrides)
+    if args.num_samples is not None:
+        overrides.append(f"audit.num_samples={args.num_samples}")
+    if args.threshold is not None:
+        overrides.append(f"audit.threshold={args.threshold}")
+    clients = _int_list(args.clients, "--clients") if args.clients is not None else None
+    console = _console()
+    rec = audit(args.run_dir, overrides, clients, log=lambda m: console.print(escape(m)))
+    c = rec["criterion"]
+    table = Table(title=f"{args.run_dir}: {rec['num_samples']} samples of {rec['model']}; near-copy: d1 / "
+                        f"({c['alpha']:g} x mean of {c['neighbours']} nearest) < {c['threshold']:g}")
+    for col in ("client", "train images", "nearest (pixels)", "nearest (features)", "near-copies", "membership AUC",
+                "TPR @ 1% FPR"):
+        table.add_column(col, justify="left" if col == "client" else "right")
+    fmt = lambda r, k, spec: format(r[k], spec) if k in r else "-"  # noqa: E731
+    for node, r in rec["clients"].items():
+        table.add_row(node, str(r["train_images"]), fmt(r, "nn_pixel_min", ".4f"), fmt(r, "nn_feature_min", ".3f"),
+                      f"{r['near_copies']} ({100 * r['near_copy_fraction']:.1f}%)", fmt(r, "mia_auc", ".3f"),
+                      fmt(r, "mia_tpr_at_1pct_fpr", ".3f"))
+    console.print(table)
+    if rec.get("dp"):
+        console.print(f"privacy budget of the run: epsilon {rec['dp']['epsilon']:g} at delta {rec['dp']['delta']:g}")
+    for note in rec["notes"]:
+        console.print(escape(f"note: {note}"))
+    flagged = rec["flagged"]
+    console.print(escape(f"flagged (a near-copy of their images): {', '.join(flagged) if flagged else 'none'}"))
+    console.print(f"written: {Path(args.run_dir) / 'audit.json'}")
+    return 0
+
+
 def cmd_features(args: argparse.Namespace) -> int:
     from feddiff.engines.evaluate import DOMAIN_NET_SEED, cache_dir
     from feddiff.config import EvalConfig
@@ -394,4 +427,4 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "sample": cmd_sample, "partition": cmd_partition, "config": cmd_config,
             "model-info": cmd_model_info, "prune": cmd_prune, "flower": cmd_flower, "sweep": cmd_sweep, "report": cmd_report, "eval": cmd_eval, "features": cmd_features,
-            "personalize": cmd_personalize}
+            "personalize": cmd_personalize, "audit": cmd_audit}

@@ -330,6 +330,34 @@ class PersonalizeConfig(Section):
         return v
 
 
+class AuditConfig(Section):
+    """Leakage audit of the released model against each client's images (``engines/audit.py``)."""
+
+    enabled: bool = F(False, "audit after the last round (simulator); `feddiff audit RUN_DIR` audits any run")
+    num_samples: int = F(256, "generated images compared with each client's training images", ge=2)
+    alpha: float = F(0.5, "near-copy criterion (Carlini et al. 2023): alpha in d1 / (alpha * mean of the n "
+                          "nearest distances)", gt=0)
+    neighbours: int = F(50, "near-copy criterion: n, the nearest training images the distance is normalised by",
+                        ge=1)
+    threshold: float = F(1.0, "near-copy criterion: a generated image whose normalised distance is below this is a "
+                              "near-copy", gt=0)
+    max_train_images: int = F(0, "compare with at most this many of each client's training images (a seeded "
+                                 "subset); 0 = all", ge=0)
+    mia_num_images: int = F(256, "membership inference: members per client (as many label-matched held-out test "
+                                 "images); 0 = skip", ge=0)
+    mia_timesteps: list[int] = F([50, 100, 200], "membership inference: timesteps whose mean denoising loss is the "
+                                                 "attack's score")
+    strip_pairs: int = F(8, "closest generated/training pairs saved per client as an image strip", ge=0)
+    features: bool = F(True, "also measure nearest-neighbour distances in the evaluation network's feature space")
+
+    @field_validator("mia_timesteps")
+    @classmethod
+    def _timesteps(cls, v: list[int]) -> list[int]:
+        if not v or min(v) < 0:
+            raise ValueError(f"must be a non-empty list of timesteps >= 0, got {v}")
+        return v
+
+
 class EvalConfig(Section):
     every_rounds: int = F(0, "evaluate every N rounds; 0 = only after the last round", ge=0)
     sampler: Literal["ddim", "ddpm"] = F("ddim", "sampler for sample grids")
@@ -387,6 +415,7 @@ class Config(Section):
     dp: DPConfig = DPConfig()
     ema: EMAConfig = EMAConfig()
     personalize: PersonalizeConfig = PersonalizeConfig()
+    audit: AuditConfig = AuditConfig()
     eval: EvalConfig = EvalConfig()
     sweep: SweepConfig = SweepConfig()
 
@@ -448,6 +477,10 @@ class Config(Section):
         from feddiff.algorithms.ema import check as check_ema
 
         check_ema(self)
+        late = [t for t in self.audit.mia_timesteps if t >= self.diffusion.num_train_timesteps]
+        if late:
+            raise ValueError(f"audit.mia_timesteps {late} are not below diffusion.num_train_timesteps = "
+                             f"{self.diffusion.num_train_timesteps}")
         return self
 
 

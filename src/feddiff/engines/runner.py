@@ -52,7 +52,7 @@ def run(cfg: Config, out_dir: str | None = None, run_path: str | Path | None = N
 
 # settings a resume may change: they do not touch the training math
 RESUMABLE_OVERRIDES = ("run.num_rounds", "run.progress", "run.checkpoint_every", "run.keep_checkpoints",
-                       "run.tensorboard", "eval.", "personalize.")
+                       "run.tensorboard", "eval.", "personalize.", "audit.")
 
 def resume(path: str | Path, overrides: list[str] = ()) -> RunDir:
     """Continue a run from its last checkpoint (optionally with more rounds: run.num_rounds=N)."""

@@ -251,6 +251,10 @@ class Simulator:
             from feddiff.engines.personalize import run_phase
 
             run_phase(self, self.cfg.run.num_rounds, self.cfg.personalize, log=lambda m: print(m, flush=True))
+        if self.cfg.audit.enabled:  # ... and with the leakage audit of the model it releases
+            from feddiff.engines.audit import run_audit
+
+            run_audit(self, self.cfg.run.num_rounds, self.cfg.audit, log=lambda m: print(m, flush=True))
         return run_dir
 
     def evaluate(self, rounds_done: int, prefix: str = "eval") -> dict[str, Any]:

@@ -44,6 +44,9 @@ def check_flower_config(cfg: Config) -> None:
     if cfg.personalize.steps:
         raise ConfigError("personalize.steps > 0 on Flower: the fine-tuning phase needs every client's data in "
                           "one process (the simulator); on a real federation each site fine-tunes its own copy")
+    if cfg.audit.enabled:
+        raise ConfigError("audit.enabled on Flower: the audit reads the clients' images, which the server does not "
+                          "hold; run `feddiff audit RUN_DIR` where the data is")
 
 
 def with_node_edges(cfg: Config, found: dict[int, dict[str, Any]]) -> Config:
