@@ -100,3 +100,17 @@ def test_feddiff_audit_measures_features_and_records_the_privacy_budget(make_con
     assert 0 <= r["nn_feature_min"] <= r["nn_feature_mean"] and 0 <= r["mia_auc"] <= 1
     assert main(["audit", str(rd.path), "--set", "audit.mia_timesteps=[5000]"]) == 2
     assert "not below diffusion.num_train_timesteps" in capsys.readouterr().err
+
+
+def test_the_report_sets_the_audit_beside_the_privacy_budget(make_config, tmp_path):
+    from feddiff.report.document import build_report
+
+    plain = run(make_config(run={"name": "plain"}, audit={"enabled": True, "num_samples": 8, "mia_num_images": 16}))
+    private = run(make_config(run={"name": "private"}, dp={"noise_multiplier": 0.5, "clip_norm": 1.0},
+                              audit={"enabled": True, "num_samples": 8, "mia_num_images": 16}))
+    text = build_report([plain.path, private.path], tmp_path / "report").markdown.read_text()
+    assert "Leakage audit" in text and "no DP" in text
+    eps = json.loads((private.path / "audit.json").read_text())["dp"]["epsilon"]
+    auc = json.loads((plain.path / "audit.json").read_text())["summary"]["mia_auc_mean"]
+    assert f"{eps:.3g}" in text and f"{auc:.3f}" in text
+    assert sum("closest-client" in p.name for p in (tmp_path / "report" / "grids").iterdir()) == 4

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from feddiff.report.figures import all_figures
-from feddiff.report.rows import RunData, compare, last_grid, load_run, personalized_cells, summarize_run
+from feddiff.report.rows import (
+    RunData, audit_cells, compare, last_grid, load_run, personalized_cells, summarize_run,
+)
 from feddiff.runs import RunError, atomic_write_json
 
 
@@ -205,6 +207,11 @@ def _markdown(title: str, rows: list[dict[str, Any]], figures: dict[str, Path], 
                   "Mean ± std over clients [min, max], before and after fine-tuning.", "",
                   "| " + " | ".join(md(c) for c in pcols) + " |", "|" + "---|" * len(pcols)]
         lines += ["| " + " | ".join(md(c) for c in row) + " |" for row in pcells]
+    acols, acells = audit_cells(rows)
+    if acells:
+        lines += ["", f"## {AUDIT_HEADING}", "", md(AUDIT_TEXT), "",
+                  "| " + " | ".join(md(c) for c in acols) + " |", "|" + "---|" * len(acols)]
+        lines += ["| " + " | ".join(md(c) for c in row) + " |" for row in acells]
     for heading, path in figures.items():
         lines += ["", f"## {md(heading)}", "", f"![{md(heading)}]({path.relative_to(out).as_posix()})"]
     if grids:
@@ -214,6 +221,10 @@ def _markdown(title: str, rows: list[dict[str, Any]], figures: dict[str, Path], 
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
+
+AUDIT_HEADING = "Leakage audit (generated images against each client's training images)"
+AUDIT_TEXT = ("Near-copies by Carlini et al. 2023's normalised distance; membership inference by denoising loss "
+              "against label-matched held-out images (AUC 0.5: no signal).")
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -266,6 +277,12 @@ def _html(title: str, rows: list[dict[str, Any]], figures: dict[str, Path], grid
                      "<div style='overflow-x:auto'><table><thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in pcols)
                      + "</tr></thead><tbody>")
         parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in pcells]
+        parts.append("</tbody></table></div>")
+    acols, acells = audit_cells(rows)
+    if acells:
+        parts.append(f"<h2>{e(AUDIT_HEADING)}</h2><p>{e(AUDIT_TEXT)}</p><div style='overflow-x:auto'><table><thead><tr>"
+                     + "".join(f"<th>{e(c)}</th>" for c in acols) + "</tr></thead><tbody>")
+        parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in acells]
         parts.append("</tbody></table></div>")
     for heading, path in figures.items():
         parts.append(f"<h2>{e(heading)}</h2><img alt='{e(heading)}' src='{_data_uri(path)}'>")
@@ -347,6 +364,15 @@ def build_report(paths: list[str | Path], out: str | Path, title: str | None = N
                     tuned.append(out / "grids" / name)
             if tuned:
                 grids[f"{r.name} (personalised)"] = tuned
+            strips = []  # the audit's closest generated/training pairs
+            for node, c in sorted(r.audit.get("clients", {}).items()):
+                src = r.path / c.get("strip", "-")
+                if src.is_file():
+                    name = f"{i + 1:02d}-{_safe(r.name)}-closest-{_safe(node)}.png"
+                    shutil.copyfile(src, tmp / "grids" / name)
+                    strips.append(out / "grids" / name)
+            if strips:
+                grids[f"{r.name} (closest generated over training pairs)"] = strips
         in_tmp = {k: tmp / p.relative_to(out) for k, p in figures.items()}
         grids_tmp = {k: [tmp / p.relative_to(out) for p in ps] for k, ps in grids.items()}
         atomic_write_json(tmp / "summary.json", rows)

@@ -38,6 +38,7 @@ class RunData:
     manifest: dict[str, Any]
     partition: dict[str, Any]
     personalize: dict[str, Any] = field(default_factory=dict)  # personalize.json: the fine-tuning phase
+    audit: dict[str, Any] = field(default_factory=dict)  # audit.json: the leakage audit
 
     @property
     def evals(self) -> list[tuple[int, dict[str, Any]]]:
@@ -60,7 +61,7 @@ def load_run(path: str | Path, name: str | None = None) -> RunData:
             return {}
 
     return RunData(rd.path, name or rd.path.name, config, rd.read_metrics(), optional("manifest.json"),
-                   optional("partition.json"), optional("personalize.json"))
+                   optional("partition.json"), optional("personalize.json"), optional("audit.json"))
 
 
 def metric_of(ev: dict[str, Any], key: str) -> float | None:
@@ -155,6 +156,10 @@ def summarize_run(path: str | Path | RunData, name: str | None = None) -> dict[s
     if run.personalize.get("summary"):  # global vs personalised, means over clients (personalize.json)
         row["personalized"] = {"steps": run.personalize.get("steps"), "groups": run.personalize.get("groups"),
                                **run.personalize["summary"]}
+    if run.audit.get("summary") is not None:  # the leakage audit (audit.json), with the budget it ran under
+        a = run.audit
+        row["audit"] = {**a["summary"], "flagged": a.get("flagged", []), "clients": len(a.get("clients", {})),
+                        "num_samples": a.get("num_samples"), "epsilon": (a.get("dp") or {}).get("epsilon")}
     for key in ("heldout_loss", "fd", "kid_mean", "is_mean"):
         if key in ev:
             row[key] = ev[key]
@@ -236,6 +241,27 @@ def personalized_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list
                 line.append(f"{s[f'{key}_mean']:.{digits}f} ± {s[f'{key}_std']:.{digits}f} "
                             f"[{s[f'{key}_min']:.{digits}f}, {s[f'{key}_max']:.{digits}f}]")
         cells.append(line)
+    return cols, cells
+
+
+def audit_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The leakage audit per run that has one: near-copies, nearest distances, membership inference, epsilon."""
+    cols = ["run", "method", "epsilon", "samples", "near-copy share mean [max]", "nearest pixel distance",
+            "membership AUC mean [max]", "TPR @ 1% FPR max", "flagged clients"]
+    cells = []
+    for r in rows:
+        a = r.get("audit")
+        if not a:
+            continue
+
+        def two(key: str, digits: int) -> str:
+            return "-" if f"{key}_mean" not in a else f"{a[f'{key}_mean']:.{digits}f} [{a[f'{key}_max']:.{digits}f}]"
+
+        eps = a.get("epsilon")
+        cells.append([r["name"], r["method"], "no DP" if eps is None else f"{eps:.3g}", str(a.get("num_samples")),
+                      two("near_copy_fraction", 3), _fmt(a.get("nn_pixel_min_min")), two("mia_auc", 3),
+                      _fmt(a.get("mia_tpr_at_1pct_fpr_max"), ".3f"),
+                      f"{len(a['flagged'])} of {a['clients']}" + (f" ({', '.join(a['flagged'])})" if a["flagged"] else "")])
     return cols, cells
 
 
