@@ -476,7 +476,7 @@ class Config(Section):
         check(self)
         from feddiff.algorithms.ema import check as check_ema
 
-        check_ema(self)
+        check_ema(self, advise=True)
         late = [t for t in self.audit.mia_timesteps if t >= self.diffusion.num_train_timesteps]
         if late:
             raise ValueError(f"audit.mia_timesteps {late} are not below diffusion.num_train_timesteps = "

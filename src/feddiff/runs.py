@@ -126,6 +126,26 @@ class RunDir:
         atomic_write_json(path, obj)
         return path
 
+    def engine(self) -> str:
+        """The engine that trained the run (``manifest.json``; a run without one is a simulator run)."""
+        manifest = self.path / "manifest.json"
+        if not manifest.exists():
+            return "simulator"
+        try:
+            return str(json.loads(manifest.read_text()).get("engine", "simulator"))
+        except (OSError, ValueError, AttributeError) as err:
+            raise RunError(f"cannot read {manifest} ({err}); it records which engine trained the run. If it is "
+                           "damaged, restore it or remove it to treat the run as a simulator run") from None
+
+    def phase_rounds(self, name: str) -> int | None:
+        """The ``rounds`` an end-of-run phase's record (``personalize.json``, ``audit.json``) was made after;
+        None when there is no readable record."""
+        try:
+            rounds = json.loads((self.path / name).read_text()).get("rounds")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return rounds if isinstance(rounds, int) else None
+
     def read_json(self, name: str) -> Any:
         return json.loads((self.path / name).read_text())
 

@@ -31,6 +31,8 @@ on resume.
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -64,8 +66,12 @@ def combined_decay(start: int, num_steps: float, decay: float, warmup: bool) -> 
         return 1.0
     if not warmup:
         return decay ** num_steps
+    # (1 + t) / (10 + t) >= decay from step t* on: the steps after it decay by ``decay`` each
+    t_star = max(0, math.ceil((10 * decay - 1) / (1 - decay)))
     whole = int(num_steps)
-    log = sum(math.log(decay_at(start + i, decay, True)) for i in range(whole))
+    warm = max(0, min(whole, t_star - start))
+    log = sum(math.log(decay_at(start + i, decay, True)) for i in range(warm))
+    log += (whole - warm) * math.log(decay)
     log += (num_steps - whole) * math.log(decay_at(start + whole, decay, True))
     return math.exp(log)
 
@@ -76,18 +82,23 @@ def ema_update(ema: StateDict, model: StateDict, keep: float) -> StateDict:
             for k, v in model.items()}
 
 
-def mean_steps(replies: list[Reply]) -> float:
-    """The replies' sample-weighted mean of local optimizer steps (each claim clamped to [0, 1e7])."""
-    total = sum(r.num_samples for r in replies)
-    if total <= 0:
-        return 0.0
-    steps = [min(max(float(r.metrics.get("steps", 0.0)), 0.0), MAX_STEPS_PER_ROUND) for r in replies]
-    steps = [s if math.isfinite(s) else 0.0 for s in steps]
-    return sum(s * r.num_samples for s, r in zip(steps, replies)) / total
+def steps_of(train: Any, num_samples: int) -> int:
+    """The local optimizer steps a client of ``num_samples`` images takes in a round, by the run's config
+    (``train.local_steps``, else ``local_epochs`` passes in batches of ``batch_size``): what the server
+    knows, never what a client claims."""
+    if train.local_steps > 0:
+        return int(train.local_steps)
+    return int(train.local_epochs * math.ceil(num_samples / train.batch_size))
 
 
-def check(cfg: Any) -> None:
-    """The checks made when the config is validated: raises ValueError naming the setting."""
+def mean_steps(replies: list[Reply], steps: Callable[[Reply], int]) -> float:
+    """The plain mean over the replies of their local steps (a mean that does not weigh data sizes)."""
+    return sum(steps(r) for r in replies) / len(replies) if replies else 0.0
+
+
+def check(cfg: Any, advise: bool = False) -> None:
+    """The checks made when the config is validated: raises ValueError naming the setting; with ``advise``,
+    also warns of a decay that leaves the EMA near the initial weights."""
     e = cfg.ema
     if e.rule == "off":
         stray = [k for k in ("evaluate_raw", "warmup") if getattr(e, k)]
@@ -100,7 +111,20 @@ def check(cfg: Any) -> None:
     if e.rule == "edge" and not hierarchical:
         raise ValueError(f"ema.rule = \"edge\" needs a hierarchy (hierfavg, fedphd), not {name!r}; use \"server\" "
                          "or \"client\"")
+    if e.evaluate_raw and strategy.personalized:
+        raise ValueError(f"ema.evaluate_raw with {name!r}: its clients' personal models are evaluated one by one, "
+                         "not a raw global model")
+    if advise and not e.warmup and cfg.train.local_steps:
+        planned = cfg.run.num_rounds * cfg.train.local_steps
+        left = e.decay ** planned
+        if left > 0.1:
+            warnings.warn(f"ema.decay = {e.decay:g} per step keeps {100 * left:.0f}% of the initial (random) weights "
+                          f"in the EMA after the planned {planned} local steps; lower the decay or set "
+                          "ema.warmup = true", stacklevel=2)
     if e.rule == "client":
+        if name == "usplit":
+            raise ValueError("ema.rule = \"client\" with 'usplit': its clients upload complementary parts, which a "
+                             "whole-model EMA from every client would undo; use \"server\"")
         if hierarchical:
             raise ValueError(f"ema.rule = \"client\" with the hierarchy {name!r}: use \"edge\" (edge EMAs synchronized "
                              "at central aggregations) or \"server\"")
@@ -110,9 +134,9 @@ def check(cfg: Any) -> None:
         if cfg.dp.noise_multiplier:
             raise ValueError("ema.rule = \"client\" with [dp]: the clients' EMAs would reach the server unclipped and "
                              "without noise; use \"server\" (an EMA of the private model is post-processing)")
-        if cfg.robust.aggregation != "mean" or cfg.robust.clip_norm:
-            raise ValueError("ema.rule = \"client\" with robust.aggregation = median/trimmed_mean or robust.clip_norm: "
-                             "the EMAs would be averaged plainly beside a robust model; use \"server\"")
+        if cfg.robust.aggregation != "mean" or cfg.robust.clip_norm or cfg.robust.outlier_factor:
+            raise ValueError("ema.rule = \"client\" with [robust] (median, trimmed mean, clipping or outlier screening): "
+                             "the clients' EMAs, which are exported, would be averaged unscreened; use \"server\"")
 
 
 # -- the client half (rule "client") ---------------------------------------------------------------
@@ -170,9 +194,11 @@ class EMAClient(ClientHook):
 class EMAStrategy(StrategyWrapper):
     """``[ema]`` around ``inner``: the EMA kept by the server, the clients or the edges (``rule``)."""
 
-    def __init__(self, inner: Strategy, cfg: Any):
+    def __init__(self, inner: Strategy, cfg: Any, train: Any = None):
         super().__init__(inner)
         self.ema_cfg = cfg
+        self.train_cfg = train  # the run's [train]: each client's steps per round, as the server knows them
+        self.pending_steps: float | None = None  # server rule: the round's steps, applied once its exchanges end
         self.ema: StateDict = {}
         self.ema_step = 0  # global optimizer steps folded into the EMA so far
         self.edge_ema: list[StateDict] = []
@@ -204,43 +230,59 @@ class EMAStrategy(StrategyWrapper):
 
     def expected_extras(self, task: Task) -> StateDict | None:
         inner = self.inner.expected_extras(task)
-        if self.ema_cfg.rule != "client" or inner is None:
+        if self.ema_cfg.rule != "client":
             return inner
-        return {**inner, **{f"{PREFIX}{k}": v for k, v in self.ema.items() if v.is_floating_point()}}
+        # checked even when the algorithm declares none: a reply with a missing or misshapen EMA is refused
+        return {**(inner or {}), **{f"{PREFIX}{k}": v for k, v in self.ema.items() if v.is_floating_point()}}
+
+    def client_steps(self, reply: Reply) -> int:
+        """Local steps of ``reply``'s client this round, from the config and its known size (never its claim)."""
+        sizes = self.inner.context.num_samples
+        n = sizes[reply.client] if sizes is not None else reply.num_samples
+        if self.train_cfg is not None:
+            return steps_of(self.train_cfg, n)
+        claimed = float(reply.metrics.get("steps", 0.0))  # no config (a bare strategy in a notebook): the claim
+        return int(min(max(claimed, 0.0), MAX_STEPS_PER_ROUND)) if math.isfinite(claimed) else 0
 
     def aggregate(self, rnd: int, replies: list[Reply], failures: list[Failure] = ()) -> dict[str, float]:
         rule = self.ema_cfg.rule
-        steps = mean_steps(replies)
+        steps = mean_steps(replies, self.client_steps)
         if rule == "client":
             client_emas = [under(r.extras, PREFIX) for r in replies]
             replies = [Reply(r.client, r.tensors, r.num_samples, r.metrics,
                              {k: v for k, v in r.extras.items() if not k.startswith(PREFIX)}, r.claimed_samples)
                        for r in replies]
         metrics = self.inner.aggregate(rnd, replies, failures)
-        if rule == "server":
-            keep = self._keep(self.ema_step, steps)
-            self.ema = ema_update(self.ema, self.inner.global_state(), keep)
-            self.ema_summary = {"keep": round(keep, 8)}
-        elif rule == "client":
-            mean = weighted_mean(client_emas, [r.num_samples for r in replies])
+        if rule == "server":  # applied when the round's exchanges are done: a hierarchy's global model changes there
+            self.pending_steps = steps
+        elif rule == "client":  # weighted as the algorithm weighs its replies
+            uniform = getattr(self.inner.cfg, "weighting", "samples") == "uniform"
+            mean = weighted_mean(client_emas, [1.0 if uniform else r.num_samples for r in replies])
             self.ema = {k: mean.get(k, v) for k, v in self.inner.global_state().items()}
             self.ema_summary = {"clients": len(client_emas)}
         elif rule == "edge":
             pending = self.inner.pending
             for e in sorted({pending[r.client] for r in replies}):
                 mine = [r for r in replies if pending[r.client] == e]
-                s = mean_steps(mine)
+                s = mean_steps(mine, self.client_steps)
                 keep = self._keep(self.edge_steps[e], s)
                 self.edge_ema[e] = ema_update(self.edge_ema[e], self.inner.edges[e], keep)
                 self.edge_steps[e] += round(s)
                 self.ema_summary[f"edge{e}_keep"] = round(keep, 8)
-        if rule != "edge":
+        if rule == "client":
             self.ema_step += round(steps)
         return metrics
 
     def exchange(self, rnd: int, arrived: list[Transfer]) -> list[Transfer]:
         if self.ema_cfg.rule != "edge":
-            return self.inner.exchange(rnd, arrived)
+            out = self.inner.exchange(rnd, arrived)
+            if not out and self.pending_steps is not None:  # the round is done: the server's EMA of its result
+                keep = self._keep(self.ema_step, self.pending_steps)
+                self.ema = ema_update(self.ema, self.inner.global_state(), keep)
+                self.ema_step += round(self.pending_steps)
+                self.ema_summary = {"keep": round(keep, 8)}
+                self.pending_steps = None
+            return out
         ours = [t for t in arrived if t.meta.get("ema")]
         theirs = [t for t in arrived if not t.meta.get("ema")]
         out = self.inner.exchange(rnd, theirs)
@@ -319,7 +361,7 @@ def wrap(strategy: Strategy, cfg: Any) -> Strategy:
     if cfg.ema.rule == "off":
         return strategy
     check(cfg)
-    return EMAStrategy(strategy, cfg.ema)
+    return EMAStrategy(strategy, cfg.ema, cfg.train)
 
 
 def client(cfg: Any) -> ClientHook | None:

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from feddiff.algorithms import get_algorithm
 from feddiff.client.train import train_local
 from feddiff.config import ConfigError, PersonalizeConfig, apply_overrides, config_from_dict, load_resolved
 from feddiff.engines.evaluate import cache_dir, reference_key, reference_subset, summarize
@@ -45,23 +46,34 @@ PHASE_FILE = "personalize.json"
 MODELS_DIR = "personalized"
 
 
-def client_references(cfg, net, histograms: dict[int, np.ndarray], log: Callable[[str], None]) -> dict[int, FeatureStats]:
-    """Each client's own distribution: the reference split's features reweighted to its label shares."""
+def client_references(cfg, net, histograms: dict[int, np.ndarray],
+                      log: Callable[[str], None]) -> tuple[dict[int, FeatureStats], dict[int, float]]:
+    """Each client's own distribution: the reference split's features reweighted to its label shares.
+
+    Returns the statistics and each one's effective number of reference images (Kish:
+    ``(sum w)^2 / sum w^2``; a class with few reference rows weighs on few images).
+    """
     ref = load_split(cfg, cfg.eval.reference_split)
     if ref.labels is None:
         log("note: the reference split has no labels; FD against each client's own distribution is skipped")
-        return {}
+        return {}, {}
     idx = reference_subset(cfg.eval, len(ref.images))
     images, labels = (ref.images, ref.labels) if idx is None else (ref.images[torch.from_numpy(idx)],
                                                                     ref.labels[torch.from_numpy(idx)])
     feats = reference_features(net, images, cache_dir=cache_dir(cfg.eval), key=reference_key(cfg))
-    out = {}
+    out, ess = {}, {}
+    y = labels.numpy()
+    counts = np.bincount(y, minlength=len(next(iter(histograms.values()), [])))
     for k, hist in histograms.items():
         try:
-            out[k] = reweighted_stats(feats, labels.numpy(), hist)
+            out[k] = reweighted_stats(feats, y, hist)
         except ValueError as err:  # a class the client holds is missing from a small reference subset
             log(f"note: client {k}: no own-distribution reference ({err})")
-    return out
+            continue
+        p = np.asarray(hist, dtype=np.float64) / max(float(np.sum(hist)), 1.0)
+        w = (p[: len(counts)] / np.where(counts > 0, counts, 1))[y]
+        ess[k] = float(w.sum() ** 2 / (w**2).sum())
+    return out, ess
 
 
 def _frozen(model: torch.nn.Module, groups: list[str]) -> list[torch.nn.Parameter]:
@@ -94,7 +106,11 @@ def run_phase(sim, rounds_done: int, pcfg: PersonalizeConfig, clients: list[int]
 
     histograms = {k: np.bincount(exp.client_data[k].labels.numpy(), minlength=exp.train.num_classes)
                   for k in clients if exp.client_data[k].labels is not None}
-    refs = client_references(cfg, evaluator.quality[0].net, histograms, log) if evaluator.quality else {}
+    refs, ess = client_references(cfg, evaluator.quality[0].net, histograms, log) if evaluator.quality else ({}, {})
+    if evaluator.quality is None:
+        log("note: eval.fid_num_samples = 0: no FD is measured (held-out loss only); give e.g. "
+            "--set eval.fid_num_samples=500")
+    server.ledger.close_round()  # whatever the rounds left unsummarised is theirs, not the phase's
     model, spec_now = server.working_model(), exp.strategy.spec or exp.spec
     samples = sim.run_dir.path / "samples"
 
@@ -144,6 +160,8 @@ def run_phase(sim, rounds_done: int, pcfg: PersonalizeConfig, clients: list[int]
         if "own" in s.get("fd_vs", {}):
             after[node]["fd_own"] = s["fd_vs"]["own"]
         after[node]["train_loss"] = result.loss
+        if k in ess:
+            after[node]["own_reference_images"] = round(ess[k], 1)
         model.load_state_dict(trained)
         if cfg.eval.grid_size:
             grid = evaluator.sample_grid(model, samples / f"personalized-{node}.png")
@@ -155,6 +173,14 @@ def run_phase(sim, rounds_done: int, pcfg: PersonalizeConfig, clients: list[int]
                 line += f"  {label} {before[node].get(key, float('nan')):.4f} -> {after[node][key]:.4f}"
         log(line)
 
+    sent = server.ledger.close_round()["bytes"]  # the phase sends nothing: the ledger says so
+    own = None
+    if refs:
+        own = "the reference split reweighted to each client's label shares"
+        if cfg.eval.reference_split == "train":
+            own += " (the train split: it holds the clients' own training images)"
+        if cfg.eval.federated_reference:
+            own += "; the global FD is against the clients' summed train statistics, not this split"
     record = {
         "rounds": rounds_done, "steps": pcfg.steps, "groups": pcfg.groups or ["all"],
         "lr": spec.lr, "start": "personal models" if personal else (
@@ -162,8 +188,8 @@ def run_phase(sim, rounds_done: int, pcfg: PersonalizeConfig, clients: list[int]
         "clients": {node: {"before": before[node], "after": after[node]} for node in after},
         "summary": {"before": summarize({n: before[n] for n in after}), "after": summarize(after)},
         "protocol": evaluator.quality[1] if evaluator.quality else None,
-        "own_reference": "the reference split reweighted to each client's label shares" if refs else None,
-        "bytes": 0,  # no message is sent: the clients keep their data and their models
+        "own_reference": own,
+        "bytes": sent, "bytes_total": sum(sum(d.values()) for d in sent.values()),
         "elapsed_s": round(time.perf_counter() - t0, 3),
     }
     sim.run_dir.write_json(PHASE_FILE, record)
@@ -177,15 +203,15 @@ def personalize(path: str | Path, overrides: list[str] = (), clients: list[int] 
 
     run_dir = RunDir.open(path)
     cfg = load_resolved(run_dir.config_path)
-    raw = apply_overrides(cfg.model_dump(mode="json"), list(overrides), allowed=("personalize.",),
-                          where="in feddiff personalize (it changes personalize.* settings only)")
+    raw = apply_overrides(cfg.model_dump(mode="json"), list(overrides), allowed=("personalize.", "eval."),
+                          where="in feddiff personalize (it changes personalize.* and eval.* settings only)")
     cfg = config_from_dict(raw, f"{run_dir.config_path} with {' '.join(overrides)}")
     if cfg.personalize.steps == 0:
         raise ConfigError("personalize.steps is 0: give the fine-tuning steps (--steps N)")
-    manifest = run_dir.path / "manifest.json"
-    engine = run_dir.read_json("manifest.json").get("engine", "simulator") if manifest.exists() else "simulator"
-    if engine != "simulator" and cfg.algorithm.name in ("udec", "ulatdec"):
-        raise RunError(f"{run_dir.path} was trained on {engine}: its personal models are on the nodes")
+    engine = run_dir.engine()
+    if engine != "simulator" and get_algorithm(cfg.algorithm.name).strategy.personalized:
+        raise RunError(f"{run_dir.path} was trained on {engine}: its personal models are on the nodes, where each "
+                       "site can fine-tune its own")
     sim = Simulator(build_experiment(cfg), run_dir)
     done = sim.restore()
     return run_phase(sim, done, cfg.personalize, clients, log)

@@ -57,12 +57,7 @@ RESUMABLE_OVERRIDES = ("run.num_rounds", "run.progress", "run.checkpoint_every",
 def resume(path: str | Path, overrides: list[str] = ()) -> RunDir:
     """Continue a run from its last checkpoint (optionally with more rounds: run.num_rounds=N)."""
     run_dir = RunDir.open(path)
-    manifest = run_dir.path / "manifest.json"
-    try:
-        engine = json.loads(manifest.read_text()).get("engine", "simulator") if manifest.exists() else "simulator"
-    except (ValueError, AttributeError) as err:
-        raise RunError(f"cannot read {manifest} ({err}); it records which engine trained the run. If it is damaged, "
-                       "restore it or remove it to resume as a simulator run") from None
+    engine = run_dir.engine()
     if engine != "simulator":  # its clients' records are on the nodes: the simulator would start them empty
         raise RunError(f"{run_dir.path} was trained on {engine}; `feddiff run --resume` continues simulator runs "
                        "only (its clients' records are on the nodes)")
@@ -81,9 +76,14 @@ def resume(path: str | Path, overrides: list[str] = ()) -> RunDir:
     sim = Simulator(build_experiment(cfg), run_dir)
     sim.resume()
     if sim.start_round >= cfg.run.num_rounds:
+        if sim.end_phases(only_missing=True):  # killed during the phases that end the run: only they are redone
+            if overrides:
+                run_dir.write_json("config.json", cfg.model_dump(mode="json"))
+            return run_dir
         raise RunError(
             f"{run_dir.path} already finished all {cfg.run.num_rounds} rounds; "
-            "extend it with --set run.num_rounds=N"
+            "extend it with --set run.num_rounds=N (fine-tune or audit it with `feddiff personalize` or "
+            "`feddiff audit`)"
         )
     if overrides:  # only once the resume is known to go ahead
         run_dir.write_json("config.json", cfg.model_dump(mode="json"))

@@ -247,15 +247,28 @@ class Simulator:
     def run(self) -> RunDir:
         """The rounds left; returns the run folder."""
         run_dir = self.server.run(self.engine, reference=lambda engine: self.prepare_quality(engine))
-        if self.cfg.personalize.steps:  # the run ends with each client fine-tuning its model on its own data
-            from feddiff.engines.personalize import run_phase
-
-            run_phase(self, self.cfg.run.num_rounds, self.cfg.personalize, log=lambda m: print(m, flush=True))
-        if self.cfg.audit.enabled:  # ... and with the leakage audit of the model it releases
-            from feddiff.engines.audit import run_audit
-
-            run_audit(self, self.cfg.run.num_rounds, self.cfg.audit, log=lambda m: print(m, flush=True))
+        self.end_phases()
         return run_dir
+
+    def end_phases(self, only_missing: bool = False) -> list[str]:
+        """What a run ends with after its last round: personalised fine-tuning, the leakage audit.
+
+        ``only_missing``: only the phases without a record of the last round (a run killed during them,
+        resumed). Returns the phases run.
+        """
+        from feddiff.engines.audit import AUDIT_FILE, run_audit
+        from feddiff.engines.personalize import PHASE_FILE, run_phase
+
+        rounds, ran = self.cfg.run.num_rounds, []
+        log = lambda m: print(m, flush=True)  # noqa: E731
+        for name, wanted, file, phase in (
+                ("personalize", self.cfg.personalize.steps > 0, PHASE_FILE,
+                 lambda: run_phase(self, rounds, self.cfg.personalize, log=log)),
+                ("audit", self.cfg.audit.enabled, AUDIT_FILE, lambda: run_audit(self, rounds, self.cfg.audit, log=log))):
+            if wanted and not (only_missing and self.run_dir.phase_rounds(file) == rounds):
+                phase()
+                ran.append(name)
+        return ran
 
     def evaluate(self, rounds_done: int, prefix: str = "eval") -> dict[str, Any]:
         """Evaluate the current state (``feddiff eval``), without exporting."""

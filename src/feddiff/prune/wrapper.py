@@ -58,7 +58,7 @@ class PruneStrategy(StrategyWrapper):
             if rnd >= self.prune_round:
                 self.prune(rnd)
             elif self.prune_cfg.importance == "taylor" and rnd == self.prune_round - 1:
-                self.before_update = {k: v.clone() for k, v in self.inner.global_state().items()}
+                self.before_update = {k: v.clone() for k, v in self.inner.global_model.items()}
         tasks = self.inner.configure(rnd)
         if not self.pruned and self.prune_cfg.sparsity > 0:  # sparse training before the pruning round
             for t in tasks:
@@ -67,12 +67,16 @@ class PruneStrategy(StrategyWrapper):
         return tasks
 
     def prune(self, rnd: int) -> None:
-        """Prune the global model and bring every tensor of the inner strategy to the new architecture."""
+        """Prune the global model and bring every tensor of the inner strategy to the new architecture.
+
+        Channels are ranked on the trained model itself (``global_model``), not on what is evaluated
+        (``global_state()``: an EMA lags behind it).
+        """
         spec = self.inner.spec
         if spec is None:
             raise ValueError("pruning needs the strategy's model spec (StrategyContext.spec)")
         model = build_model(spec, 0)
-        model.load_state_dict(self.inner.global_state())
+        model.load_state_dict(self.inner.global_model)
         params_before = count_parameters(model)
         importance, gradients = self.prune_cfg.importance, None
         if importance == "taylor":
@@ -98,7 +102,7 @@ class PruneStrategy(StrategyWrapper):
         ranks by magnitude, and says so) when there is no update to use: the round before gave no usable
         reply, or the snapshot was not kept.
         """
-        now = self.inner.global_state()
+        now = self.inner.global_model
         delta = None if self.before_update is None else {k: self.before_update[k] - now[k] for k in now}
         if delta is None or not any(bool(d.any()) for d in delta.values()):
             warnings.warn(f"prune.importance = 'taylor': the global model did not change in round {rnd} (no usable "
