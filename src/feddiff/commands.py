@@ -341,9 +341,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _int_list(text: str, what: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        out = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not out or len(set(out)) != len(out):
+        raise ConfigError(f"{what} must name each client once, at least one (e.g. 0,2), got {text!r}")
+    return out
 
 
 def cmd_personalize(args: argparse.Namespace) -> int:

@@ -477,6 +477,10 @@ class Config(Section):
         from feddiff.algorithms.ema import check as check_ema
 
         check_ema(self, advise=True)
+        pz = self.personalize
+        if not pz.steps and (pz.groups or pz.lr):
+            raise ValueError(f"personalize.{'groups' if pz.groups else 'lr'} is set but personalize.steps = 0, which "
+                             "turns the phase off; set personalize.steps > 0")
         late = [t for t in self.audit.mia_timesteps if t >= self.diffusion.num_train_timesteps]
         if late:
             raise ValueError(f"audit.mia_timesteps {late} are not below diffusion.num_train_timesteps = "

@@ -91,9 +91,9 @@ def reweighted_stats(feats, labels, target) -> FeatureStats:
     p = np.asarray(target, dtype=np.float64)
     if y.shape != (x.shape[0],):
         raise ValueError(f"reweighted_stats: {x.shape[0]} feature rows but labels of shape {y.shape}")
-    if p.ndim != 1 or (p < 0).any() or p.sum() <= 0 or (y.size and y.max() >= p.size):
-        raise ValueError(f"reweighted_stats: target must be a non-negative vector over the {int(y.max()) + 1} "
-                         f"classes with a positive sum, got {p.tolist()}")
+    if p.ndim != 1 or (p < 0).any() or p.sum() <= 0 or (y.size and (y.min() < 0 or y.max() >= p.size)):
+        raise ValueError(f"reweighted_stats: target must be a non-negative vector with a positive sum and one "
+                         f"entry per class of the labels (0..{int(y.max()) if y.size else -1}), got {p.tolist()}")
     counts = np.bincount(y, minlength=p.size).astype(np.float64)
     missing = [c for c in range(p.size) if p[c] > 0 and counts[c] == 0]
     if missing:

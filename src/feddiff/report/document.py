@@ -203,7 +203,7 @@ def _markdown(title: str, rows: list[dict[str, Any]], figures: dict[str, Path], 
     lines += [f"- note: {md(p)}" for p in problems]
     pcols, pcells = personalized_cells(rows)
     if pcells:
-        lines += ["", "## Global vs personalised (fine-tuned on each client's own data; 0 bytes sent)", "",
+        lines += ["", "## Global vs personalised (each client fine-tunes on its own data)", "",
                   "Mean ± std over clients [min, max], before and after fine-tuning.", "",
                   "| " + " | ".join(md(c) for c in pcols) + " |", "|" + "---|" * len(pcols)]
         lines += ["| " + " | ".join(md(c) for c in row) + " |" for row in pcells]
@@ -272,7 +272,7 @@ def _html(title: str, rows: list[dict[str, Any]], figures: dict[str, Path], grid
     parts += [f"<p class='note'>note: {e(p)}</p>" for p in problems]
     pcols, pcells = personalized_cells(rows)
     if pcells:
-        parts.append("<h2>Global vs personalised (fine-tuned on each client's own data; 0 bytes sent)</h2>"
+        parts.append("<h2>Global vs personalised (each client fine-tunes on its own data)</h2>"
                      "<p>Mean ± std over clients [min, max], before and after fine-tuning.</p>"
                      "<div style='overflow-x:auto'><table><thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in pcols)
                      + "</tr></thead><tbody>")

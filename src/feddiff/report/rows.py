@@ -155,11 +155,15 @@ def summarize_run(path: str | Path | RunData, name: str | None = None) -> dict[s
         row["parameters"], row["macs"] = cost["parameters"], cost["macs"]
     if run.personalize.get("summary"):  # global vs personalised, means over clients (personalize.json)
         row["personalized"] = {"steps": run.personalize.get("steps"), "groups": run.personalize.get("groups"),
+                               "rounds": run.personalize.get("rounds"), "bytes_total": run.personalize.get("bytes_total"),
                                **run.personalize["summary"]}
     if run.audit.get("summary") is not None:  # the leakage audit (audit.json), with the budget it ran under
         a = run.audit
+        dp_spent = a.get("dp") or {}
         row["audit"] = {**a["summary"], "flagged": a.get("flagged", []), "clients": len(a.get("clients", {})),
-                        "num_samples": a.get("num_samples"), "epsilon": (a.get("dp") or {}).get("epsilon")}
+                        "num_samples": a.get("num_samples"), "rounds": a.get("rounds"),
+                        "threshold": (a.get("criterion") or {}).get("threshold"), "epsilon": dp_spent.get("epsilon"),
+                        "seeded_noise": dp_spent.get("noise") == "seeded (not private)"}
     for key in ("heldout_loss", "fd", "kid_mean", "is_mean"):
         if key in ev:
             row[key] = ev[key]
@@ -224,14 +228,15 @@ PERSONAL_METRICS = (("heldout_loss", "held-out loss", 4), ("fd", "FD (reference 
 def personalized_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Global vs personalised: per run with a fine-tuning phase, each metric's mean +- std over clients
     [min, max], before (the model each client started from) and after fine-tuning."""
-    cols = ["run", "method", "steps", "groups"] + [f"{label} {side}" for _, label, _ in PERSONAL_METRICS
-                                                    for side in ("before", "after")]
+    cols = ["run", "method", "after round", "steps", "groups", "bytes sent"] + [
+        f"{label} {side}" for _, label, _ in PERSONAL_METRICS for side in ("before", "after")]
     cells = []
     for r in rows:
         p = r.get("personalized")
         if not p:
             continue
-        line = [r["name"], r["method"], str(p.get("steps")), ", ".join(p.get("groups") or ["all"])]
+        line = [r["name"], r["method"], _phase_round(p.get("rounds"), r["rounds"]), str(p.get("steps")),
+                ", ".join(p.get("groups") or ["all"]), _fmt(p.get("bytes_total"))]
         for key, _, digits in PERSONAL_METRICS:
             for side in ("before", "after"):
                 s = p.get(side, {})
@@ -246,8 +251,8 @@ def personalized_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list
 
 def audit_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """The leakage audit per run that has one: near-copies, nearest distances, membership inference, epsilon."""
-    cols = ["run", "method", "epsilon", "samples", "near-copy share mean [max]", "nearest pixel distance",
-            "membership AUC mean [max]", "TPR @ 1% FPR max", "flagged clients"]
+    cols = ["run", "method", "after round", "epsilon", "samples", "threshold", "near-copy share mean [max]",
+            "nearest pixel distance", "membership AUC mean [max]", "TPR @ 1% FPR max", "flagged clients"]
     cells = []
     for r in rows:
         a = r.get("audit")
@@ -258,11 +263,20 @@ def audit_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
             return "-" if f"{key}_mean" not in a else f"{a[f'{key}_mean']:.{digits}f} [{a[f'{key}_max']:.{digits}f}]"
 
         eps = a.get("epsilon")
-        cells.append([r["name"], r["method"], "no DP" if eps is None else f"{eps:.3g}", str(a.get("num_samples")),
-                      two("near_copy_fraction", 3), _fmt(a.get("nn_pixel_min_min")), two("mia_auc", 3),
+        budget = "no DP" if eps is None else f"{eps:.3g}" + (" (seeded noise: not private)" if a.get("seeded_noise")
+                                                             else "")
+        cells.append([r["name"], r["method"], _phase_round(a.get("rounds"), r["rounds"]), budget,
+                      str(a.get("num_samples")), _fmt(a.get("threshold"), "g"), two("near_copy_fraction", 3), _fmt(a.get("nn_pixel_min_min")), two("mia_auc", 3),
                       _fmt(a.get("mia_tpr_at_1pct_fpr_max"), ".3f"),
                       f"{len(a['flagged'])} of {a['clients']}" + (f" ({', '.join(a['flagged'])})" if a["flagged"] else "")])
     return cols, cells
+
+
+def _phase_round(phase: Any, trained: int) -> str:
+    """The round an end-of-run record was made after, marked when the run has trained on since."""
+    if phase is None:
+        return "-"
+    return str(phase) if phase == trained else f"{phase} (stale: the run is at round {trained})"
 
 
 def _fmt(v: Any, spec: str = ".4f") -> str:
