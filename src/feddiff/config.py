@@ -337,8 +337,8 @@ class AuditConfig(Section):
     num_samples: int = F(256, "generated images compared with each client's training images", ge=2)
     alpha: float = F(0.5, "near-copy criterion (Carlini et al. 2023): alpha in d1 / (alpha * mean of the n "
                           "nearest distances)", gt=0)
-    neighbours: int = F(50, "near-copy criterion: n, the nearest training images the distance is normalised by",
-                        ge=1)
+    neighbours: int = F(50, "near-copy criterion: n, the nearest training images the distance is normalised by "
+                            "(the nearest included)", ge=2)
     threshold: float = F(1.0, "near-copy criterion: a generated image whose normalised distance is below this is a "
                               "near-copy", gt=0)
     max_train_images: int = F(0, "compare with at most this many of each client's training images (a seeded "

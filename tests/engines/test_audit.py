@@ -27,6 +27,19 @@ def test_near_copies_by_hand():
     assert nc.ratio[0].item() == pytest.approx(0.1 / (0.5 * 0.7)) and nc.ratio[1].item() == pytest.approx(2.0)
     # only the 2 nearest normalise: (0.1 + 1) / 2
     assert near_copies(d, neighbours=2).ratio[0].item() == pytest.approx(0.1 / (0.5 * 0.55))
+    # every neighbour at distance 0 (a copy of duplicated images): ratio 0, a copy
+    zero = near_copies(torch.zeros(1, 3, dtype=torch.float64))
+    assert zero.ratio.item() == 0 and zero.copied.item() and zero.neighbours == 3
+    with pytest.raises(ValueError, match="neighbours >= 2"):
+        near_copies(d, neighbours=1)
+    # the streaming nearest lists give the same verdicts as the whole matrix
+    from feddiff.metrics.leakage import nearest
+
+    gen, train = torch.rand(5, 1, 4, 4), torch.rand(37, 1, 4, 4)
+    dist, idx = nearest(gen, train, 10, chunk=8)
+    whole = pixel_distances(gen, train)
+    assert torch.allclose(dist, torch.sort(whole, dim=1).values[:, :10])
+    assert torch.equal(near_copies(dist, neighbours=10, indices=idx).ratio, near_copies(whole, neighbours=10).ratio)
     # RMS over pixels in [0, 1]: an image against its negative
     a = torch.zeros(1, 1, 2, 2)
     assert pixel_distances(a, torch.ones(1, 1, 2, 2)).item() == 1.0
@@ -39,9 +52,17 @@ def test_membership_auc_and_tpr_by_hand():
     assert membership_auc(members, held) == pytest.approx(8 / 12)
     assert membership_auc(held, held) == 0.5  # ties count half
     assert tpr_at_fpr(members, held, 0.01) == pytest.approx(2 / 3)  # below the lowest held-out loss
+    # 200 held-out losses 1..200 at 1%: two may pass, so the threshold is the third smallest (3)
+    many = torch.arange(1, 201, dtype=torch.float64)
+    assert tpr_at_fpr(torch.tensor([2.5, 2.99, 3.0, 50.0]), many, 0.01) == 0.5
+    with pytest.raises(ValueError, match="fpr must be in"):
+        tpr_at_fpr(members, held, 1.0)
     labels, test = torch.tensor([3, 3, 5]), torch.tensor([5, 3, 1, 3, 3])
     idx = matched_heldout(labels, test, 0, "x")
     assert test[idx].tolist() == [3, 3, 5] and len(set(idx[:2].tolist())) == 2
+    # more members of class 5 than test images of it: each is used once before any twice
+    idx = matched_heldout(torch.tensor([5, 5, 5, 5]), torch.tensor([5, 1, 5]), 0, "y")
+    assert sorted(idx.tolist()) == [0, 0, 2, 2]
 
 
 def smooth_images(n: int, seed: int) -> np.ndarray:
@@ -96,8 +117,9 @@ def test_feddiff_audit_measures_features_and_records_the_privacy_budget(make_con
     assert "client0" in out and "near-copies" in out
     rec = json.loads((rd.path / "audit.json").read_text())
     r = rec["clients"]["client0"]
-    assert list(rec["clients"]) == ["client0"] and rec["dp"]["epsilon"] > 0
-    assert 0 <= r["nn_feature_min"] <= r["nn_feature_mean"] and 0 <= r["mia_auc"] <= 1
+    assert list(rec["clients"]) == ["client0"]
+    assert rec["dp"]["epsilon"] == rd.read_metrics()[-1]["dp"]["epsilon"] > 0  # the audited round's budget
+    assert r["nn_feature_min"] > 0 and r["mia_members"] == min(256, r["train_images"])
     assert main(["audit", str(rd.path), "--set", "audit.mia_timesteps=[5000]"]) == 2
     assert "not below diffusion.num_train_timesteps" in capsys.readouterr().err
 
@@ -114,3 +136,16 @@ def test_the_report_sets_the_audit_beside_the_privacy_budget(make_config, tmp_pa
     auc = json.loads((plain.path / "audit.json").read_text())["summary"]["mia_auc_mean"]
     assert f"{eps:.3g}" in text and f"{auc:.3f}" in text
     assert sum("closest-client" in p.name for p in (tmp_path / "report" / "grids").iterdir()) == 4
+
+
+def test_personal_models_are_audited_against_the_other_clients_images_too(make_config, capsys):
+    rd = run(make_config(algorithm={"name": "udec"}, data={"random_flip": True},
+                         audit={"enabled": True, "num_samples": 8, "mia_num_images": 8, "features": False}))
+    rec = json.loads((rd.path / "audit.json").read_text())
+    assert rec["model"] == "personal models"
+    assert rec["clients"]["client0"]["others"]["model"] == "client1"
+    assert rec["clients"]["client1"]["others"]["model"] == "client0"
+    before = (rd.path / "audit.json").read_bytes()
+    assert main(["audit", str(rd.path), "--clients", ","]) == 2
+    assert "must name each client once" in capsys.readouterr().err
+    assert (rd.path / "audit.json").read_bytes() == before

@@ -27,20 +27,23 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from feddiff.config import AuditConfig, ConfigError, apply_overrides, config_from_dict, load_resolved
 from feddiff.data.transforms import make_grid, save_png, to_model_range, to_uint8
-from feddiff.metrics.leakage import feature_distances, membership_auc, near_copies, pixel_distances, tpr_at_fpr
+from feddiff.metrics.leakage import feature_distances, membership_auc, near_copies, nearest, tpr_at_fpr
 from feddiff.model.diffusion import sample
-from feddiff.runs import RunDir
+from feddiff.algorithms import get_algorithm
+from feddiff.runs import RunDir, RunError
 from feddiff.seeding import numpy_rng, torch_generator
 from feddiff.types import client_node
 
 AUDIT_FILE = "audit.json"
 AUDIT_DIR = "audit"
-CRITERION_SOURCE = "Carlini et al. 2023, Extracting Training Data from Diffusion Models, section 5"
+CRITERION_SOURCE = ("Carlini et al. 2023, Extracting Training Data from Diffusion Models, section 5 (alpha 0.5, "
+                    "n 50; the threshold 1 as public reimplementations read the paper, not checked against its text)")
 
 
 @torch.no_grad()
@@ -65,8 +68,9 @@ def per_image_loss(model, images_u8: torch.Tensor, scheduler, timesteps: list[in
 
 
 def matched_heldout(member_labels: torch.Tensor, test_labels: torch.Tensor, seed: int, tag: str) -> torch.Tensor:
-    """Indices of test images with the members' labels, one per member (without replacement while a class
-    lasts; a class with too few test images repeats some)."""
+    """Indices of test images with the members' labels, one per member: a class's test images in a seeded
+    order, each used once before any is used again (a class with fewer test images than members repeats
+    them as evenly as it can)."""
     rng = numpy_rng(seed, "audit-heldout", tag)
     out = torch.empty(len(member_labels), dtype=torch.long)
     for c in torch.unique(member_labels).tolist():
@@ -74,13 +78,10 @@ def matched_heldout(member_labels: torch.Tensor, test_labels: torch.Tensor, seed
         pool = (test_labels == c).nonzero().flatten().numpy()
         if len(pool) == 0:
             raise ValueError(f"the test split has no image of class {c}, which the client holds")
-        picks = rng.choice(pool, len(want), replace=len(want) > len(pool))
+        order = rng.permutation(pool)
+        picks = np.resize(order, len(want))  # the shuffled pool, repeated as often as needed
         out[want] = torch.from_numpy(picks).long()
     return out
-
-
-def _unit(images_u8: torch.Tensor) -> torch.Tensor:
-    return images_u8.to("cpu", torch.float32) / 255
 
 
 def run_audit(sim, rounds_done: int, acfg: AuditConfig, clients: list[int] | None = None,
@@ -115,9 +116,18 @@ def run_audit(sim, rounds_done: int, acfg: AuditConfig, clients: list[int] | Non
             g = torch_generator(exp.device, cfg.run.seed, "audit-samples", name)
             images = to_uint8(sample(model, exp.scheduler, acfg.num_samples, g, e.sampler, e.num_inference_steps,
                                      e.timestep_spacing)).cpu()
-            feats = torch.from_numpy(extract_features(net, _unit(images))) if net is not None else None
+            feats = torch.from_numpy(extract_features(net, images)) if net is not None else None
             generated[name] = (images, feats)
         return generated[name]
+
+    flip = cfg.data.random_flip  # a memorised image may come out mirrored: compare with both orientations
+
+    def copies_of(fake: torch.Tensor, train: torch.Tensor):
+        """Carlini et al.'s near-copies of ``fake`` among ``train`` (and its mirror images when training flipped)."""
+        ref = torch.cat([train, train.flip(-1)]) if flip else train
+        dist, idx = nearest(fake, ref, acfg.neighbours)
+        nc = near_copies(dist, acfg.alpha, acfg.neighbours, acfg.threshold, indices=idx)
+        return nc, nc.nearest % len(train)
 
     results: dict[str, dict[str, Any]] = {}
     for k in clients:
@@ -138,19 +148,30 @@ def run_audit(sim, rounds_done: int, acfg: AuditConfig, clients: list[int] | Non
         r: dict[str, Any] = {"train_images": len(train)}
 
         # nearest neighbours in pixel space, and Carlini et al.'s near-copies
-        dist = pixel_distances(_unit(fake), _unit(train))
-        nc = near_copies(dist, acfg.alpha, acfg.neighbours, acfg.threshold)
+        nc, nearest_train = copies_of(fake, train)
         r.update(nn_pixel_mean=float(nc.distance.mean()), nn_pixel_min=float(nc.distance.min()),
-                 ratio_min=float(nc.ratio.min()), near_copies=int(nc.copied.sum()), near_copy_fraction=nc.fraction)
+                 ratio_min=float(nc.ratio.min()), near_copies=int(nc.copied.sum()), near_copy_fraction=nc.fraction,
+                 neighbours=nc.neighbours)
         if fake_feats is not None:
-            train_feats = torch.from_numpy(extract_features(net, _unit(train)))
-            fd = feature_distances(fake_feats, train_feats).min(dim=1).values
+            train_feats = torch.from_numpy(extract_features(net, train))
+            fd, _ = nearest(fake_feats, train_feats, 1, distance=feature_distances)
             r.update(nn_feature_mean=float(fd.mean()), nn_feature_min=float(fd.min()))
+        if exp.strategy.personalized:  # the federated threat: the other clients' models, through what is shared
+            worst = None
+            for other in models:
+                if other == node:
+                    continue
+                o_nc, _ = copies_of(samples_of(other)[0], train)
+                if worst is None or (int(o_nc.copied.sum()), -float(o_nc.ratio.min())) > (worst[1], -worst[2]):
+                    worst = (other, int(o_nc.copied.sum()), float(o_nc.ratio.min()), float(o_nc.distance.min()))
+            if worst is not None:
+                r["others"] = {"model": worst[0], "near_copies": worst[1], "ratio_min": worst[2],
+                               "nn_pixel_min": worst[3]}
 
         # the closest pairs: generated (top) over its nearest training image (bottom)
         order = torch.argsort(nc.ratio)[: acfg.strip_pairs]
         if len(order):
-            pairs = torch.cat([fake[order], train[nc.nearest[order]]])
+            pairs = torch.cat([fake[order], train[nearest_train[order]]])
             strip = save_png(make_grid(pairs, nrow=len(order)), out_dir / f"closest-{node}.png",
                              scale=max(1, -(-64 // fake.shape[-1])))
             r["strip"] = str(strip.relative_to(sim.run_dir.path))
@@ -174,12 +195,16 @@ def run_audit(sim, rounds_done: int, acfg: AuditConfig, clients: list[int] | Non
         results[node] = r
         line = (f"audit {node}: nearest pixel distance {r['nn_pixel_min']:.4f} (mean {r['nn_pixel_mean']:.4f}), "
                 f"near-copies {r['near_copies']}/{acfg.num_samples}")
+        if "others" in r:
+            line += f", {r['others']['near_copies']} from other clients' models"
         if "mia_auc" in r:
             line += f", membership AUC {r['mia_auc']:.3f}"
         log(line)
+    if not results:
+        raise RunError(f"{sim.run_dir.path}: no client's model could be audited ({'; '.join(notes) or 'no clients'})")
 
-    metrics = sim.run_dir.read_metrics()
-    dp = next((m["dp"] for m in reversed(metrics) if "dp" in m), None)
+    metrics = sim.run_dir.read_metrics()  # the budget spent by the audited round (not a later one's)
+    dp = next((m["dp"] for m in reversed(metrics) if "dp" in m and m.get("round", 0) <= rounds_done), None)
     record = {
         "rounds": rounds_done, "model": "personal models" if exp.strategy.personalized else (
             "the EMA" if cfg.ema.rule != "off" else "the global model"),
@@ -190,7 +215,8 @@ def run_audit(sim, rounds_done: int, acfg: AuditConfig, clients: list[int] | Non
         "feature_net": getattr(net, "name", None),
         "clients": results,
         "summary": _summary(results),
-        "flagged": sorted(n for n, r in results.items() if r["near_copies"] > 0),
+        "flagged": sorted(n for n, r in results.items()
+                          if r["near_copies"] > 0 or r.get("others", {}).get("near_copies", 0) > 0),
         "dp": dp, "notes": notes, "bytes": 0,
         "elapsed_s": round(time.perf_counter() - t0, 3),
     }
@@ -218,9 +244,12 @@ def audit(path: str | Path, overrides: list[str] = (), clients: list[int] | None
 
     run_dir = RunDir.open(path)
     cfg = load_resolved(run_dir.config_path)
-    raw = apply_overrides(cfg.model_dump(mode="json"), list(overrides), allowed=("audit.",),
-                          where="in feddiff audit (it changes audit.* settings only)")
+    raw = apply_overrides(cfg.model_dump(mode="json"), list(overrides), allowed=("audit.", "eval."),
+                          where="in feddiff audit (it changes audit.* and eval.* settings only)")
     cfg = config_from_dict(raw, f"{run_dir.config_path} with {' '.join(overrides)}")
+    if run_dir.engine() != "simulator" and get_algorithm(cfg.algorithm.name).strategy.personalized:
+        raise RunError(f"{run_dir.path} was trained on {run_dir.engine()}: its personal models are on the nodes, "
+                       "where each site can audit its own")
     sim = Simulator(build_experiment(cfg), run_dir)
     done = sim.restore()
     return run_audit(sim, done, cfg.audit, clients, log)
