@@ -31,12 +31,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from feddiff.config import AuditConfig, ConfigError, apply_overrides, config_from_dict, load_resolved
+from feddiff.config import AuditConfig, ConfigError
 from feddiff.data.transforms import make_grid, save_png, to_model_range, to_uint8
 from feddiff.metrics.leakage import feature_distances, membership_auc, near_copies, nearest, tpr_at_fpr
 from feddiff.model.diffusion import sample
-from feddiff.algorithms import get_algorithm
-from feddiff.runs import RunDir, RunError
+from feddiff.runs import RunError
 from feddiff.seeding import numpy_rng, torch_generator
 from feddiff.types import client_node
 
@@ -238,21 +237,11 @@ def _summary(results: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 def audit(path: str | Path, overrides: list[str] = (), clients: list[int] | None = None,
           log: Callable[[str], None] = print) -> dict[str, Any]:
-    """``feddiff audit``: audit a run folder's newest checkpoint (``audit.*`` overrides)."""
-    from feddiff.engines.experiment import build_experiment
-    from feddiff.engines.simulator import Simulator
+    """``feddiff audit``: audit a run folder's newest checkpoint (``audit.*``, ``eval.*`` overrides)."""
+    from feddiff.engines.runner import restored
 
-    run_dir = RunDir.open(path)
-    cfg = load_resolved(run_dir.config_path)
-    raw = apply_overrides(cfg.model_dump(mode="json"), list(overrides), allowed=("audit.", "eval."),
-                          where="in feddiff audit (it changes audit.* and eval.* settings only)")
-    cfg = config_from_dict(raw, f"{run_dir.config_path} with {' '.join(overrides)}")
-    if run_dir.engine() != "simulator" and get_algorithm(cfg.algorithm.name).strategy.personalized:
-        raise RunError(f"{run_dir.path} was trained on {run_dir.engine()}: its personal models are on the nodes, "
-                       "where each site can audit its own")
-    sim = Simulator(build_experiment(cfg), run_dir)
-    done = sim.restore()
-    return run_audit(sim, done, cfg.audit, clients, log)
+    sim, done = restored(path, list(overrides), "audit", "feddiff audit")
+    return run_audit(sim, done, sim.cfg.audit, clients, log)
 
 
 __all__ = ["AUDIT_DIR", "AUDIT_FILE", "audit", "matched_heldout", "per_image_loss", "run_audit"]

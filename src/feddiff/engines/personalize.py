@@ -29,16 +29,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from feddiff.algorithms import get_algorithm
 from feddiff.client.train import train_local
-from feddiff.config import ConfigError, PersonalizeConfig, apply_overrides, config_from_dict, load_resolved
+from feddiff.config import ConfigError, PersonalizeConfig
 from feddiff.engines.evaluate import cache_dir, reference_key, reference_subset, summarize
-from feddiff.engines.experiment import build_experiment, load_split
+from feddiff.engines.experiment import load_split
 from feddiff.metrics.fid import FeatureStats, reweighted_stats
 from feddiff.metrics.quality import reference_features
 from feddiff.model.export import save_pipeline
 from feddiff.model.parts import group_of
-from feddiff.runs import RunDir, RunError
 from feddiff.seeding import global_rng, torch_generator
 from feddiff.types import StateDict, clone_state, client_node
 
@@ -198,23 +196,14 @@ def run_phase(sim, rounds_done: int, pcfg: PersonalizeConfig, clients: list[int]
 
 def personalize(path: str | Path, overrides: list[str] = (), clients: list[int] | None = None,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
-    """``feddiff personalize``: the phase on a run folder's newest checkpoint (``personalize.*`` overrides)."""
-    from feddiff.engines.simulator import Simulator
+    """``feddiff personalize``: the phase on a run folder's newest checkpoint (``personalize.*``, ``eval.*``
+    overrides)."""
+    from feddiff.engines.runner import restored
 
-    run_dir = RunDir.open(path)
-    cfg = load_resolved(run_dir.config_path)
-    raw = apply_overrides(cfg.model_dump(mode="json"), list(overrides), allowed=("personalize.", "eval."),
-                          where="in feddiff personalize (it changes personalize.* and eval.* settings only)")
-    cfg = config_from_dict(raw, f"{run_dir.config_path} with {' '.join(overrides)}")
-    if cfg.personalize.steps == 0:
+    sim, done = restored(path, list(overrides), "personalize", "feddiff personalize")
+    if sim.cfg.personalize.steps == 0:
         raise ConfigError("personalize.steps is 0: give the fine-tuning steps (--steps N)")
-    engine = run_dir.engine()
-    if engine != "simulator" and get_algorithm(cfg.algorithm.name).strategy.personalized:
-        raise RunError(f"{run_dir.path} was trained on {engine}: its personal models are on the nodes, where each "
-                       "site can fine-tune its own")
-    sim = Simulator(build_experiment(cfg), run_dir)
-    done = sim.restore()
-    return run_phase(sim, done, cfg.personalize, clients, log)
+    return run_phase(sim, done, sim.cfg.personalize, clients, log)
 
 
 __all__ = ["MODELS_DIR", "PHASE_FILE", "client_references", "personalize", "run_phase"]

@@ -36,6 +36,27 @@ def evaluate_checkpoint(path: str | Path, rnd: int | None, overrides: list[str])
         fh.write(json.dumps(record) + "\n")
     return record
 
+def restored(path: str | Path, overrides: list[str], section: str, command: str):
+    """A run folder's newest checkpoint in a simulator, for a command that changes only ``section.*`` and
+    ``eval.*`` settings (``feddiff personalize``, ``feddiff audit``); returns (simulator, rounds done).
+
+    A Flower run with personal models is refused: those models are on the nodes.
+    """
+    from feddiff.algorithms import get_algorithm
+
+    run_dir = RunDir.open(path)
+    cfg = load_resolved(run_dir.config_path)
+    raw = apply_overrides(cfg.model_dump(mode="json"), list(overrides), allowed=(f"{section}.", "eval."),
+                          where=f"in {command} (it changes {section}.* and eval.* settings only)")
+    cfg = config_from_dict(raw, f"{run_dir.config_path} with {' '.join(overrides)}")
+    engine = run_dir.engine()
+    if engine != "simulator" and get_algorithm(cfg.algorithm.name).strategy.personalized:
+        raise RunError(f"{run_dir.path} was trained on {engine}: its personal models are on the nodes, where each "
+                       f"site can run {command} on its own")
+    sim = Simulator(build_experiment(cfg), run_dir)
+    return sim, sim.restore()
+
+
 def run(cfg: Config, out_dir: str | None = None, run_path: str | Path | None = None) -> RunDir:
     """Train a new run from ``cfg``; returns its folder (``run_path``: exactly there, else a new
     uniquely named folder under ``out_dir``)."""

@@ -355,24 +355,20 @@ def build_report(paths: list[str | Path], out: str | Path, title: str | None = N
                 copied.append(out / "grids" / name)
             if copied:
                 grids[r.name] = copied
-            tuned = []  # the fine-tuned models' grids, beside the model they started from
-            for node, c in sorted(r.personalize.get("clients", {}).items()):
-                src = r.path / c.get("after", {}).get("grid", "-")
-                if src.is_file():
-                    name = f"{i + 1:02d}-{_safe(r.name)}-personalized-{_safe(node)}.png"
-                    shutil.copyfile(src, tmp / "grids" / name)
-                    tuned.append(out / "grids" / name)
-            if tuned:
-                grids[f"{r.name} (personalised)"] = tuned
-            strips = []  # the audit's closest generated/training pairs
-            for node, c in sorted(r.audit.get("clients", {}).items()):
-                src = r.path / c.get("strip", "-")
-                if src.is_file():
-                    name = f"{i + 1:02d}-{_safe(r.name)}-closest-{_safe(node)}.png"
-                    shutil.copyfile(src, tmp / "grids" / name)
-                    strips.append(out / "grids" / name)
-            if strips:
-                grids[f"{r.name} (closest generated over training pairs)"] = strips
+            # the fine-tuned models' grids beside the model they started from; the audit's closest pairs
+            for label, kind, files in (
+                    ("personalised", "personalized", {n: c.get("after", {}).get("grid") for n, c in
+                                                      r.personalize.get("clients", {}).items()}),
+                    ("closest generated over training pairs", "closest", {n: c.get("strip") for n, c in
+                                                                          r.audit.get("clients", {}).items()})):
+                copied = []
+                for node, rel in sorted(files.items()):
+                    if rel and (r.path / rel).is_file():
+                        name = f"{i + 1:02d}-{_safe(r.name)}-{kind}-{_safe(node)}.png"
+                        shutil.copyfile(r.path / rel, tmp / "grids" / name)
+                        copied.append(out / "grids" / name)
+                if copied:
+                    grids[f"{r.name} ({label})"] = copied
         in_tmp = {k: tmp / p.relative_to(out) for k, p in figures.items()}
         grids_tmp = {k: [tmp / p.relative_to(out) for p in ps] for k, ps in grids.items()}
         atomic_write_json(tmp / "summary.json", rows)
