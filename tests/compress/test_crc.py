@@ -1,10 +1,11 @@
-"""The threaded CRC-32 must equal zlib's over the joined bytes, whatever the cuts and sizes."""
+"""The threaded CRCs must equal the sequential ones over the joined bytes, whatever the cuts and sizes."""
 
 import random
 import zlib
 
 import pytest
 import torch
+from crc32c import crc32c
 
 from feddiff.compress import crc
 from feddiff.compress.wire import Message, MessageError, decode, encode
@@ -18,6 +19,11 @@ def test_equals_zlib_over_any_cuts(total):
     cuts = sorted(rng.sample(range(total + 1), min(6, total + 1)))
     pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, total])]
     assert crc.crc32_of(pieces) == zlib.crc32(data)
+    assert crc.crc32c_of(pieces) == crc32c(data)
+
+
+def test_crc32c_is_castagnolis():
+    assert crc.crc32c_of([b"1234", b"56789"]) == 0xE3069283  # the standard check value of "123456789"
 
 
 @pytest.fixture
@@ -32,13 +38,15 @@ def small_chunks(monkeypatch):
 
     def counting():
         pool = real()
+        if getattr(pool, "counted", False):  # the same pool again: count its submissions once
+            return pool
         original = pool.submit
 
         def submit(fn, *args):
             submitted.append(len(args[0]))
             return original(fn, *args)
 
-        pool.submit = submit
+        pool.submit, pool.counted = submit, True
         return pool
 
     monkeypatch.setattr(crc, "_executor", counting)
@@ -54,6 +62,9 @@ def test_threaded_path_equals_zlib(small_chunks, total):
     pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, total])]
     assert crc.crc32_of(pieces) == zlib.crc32(data)
     assert len(small_chunks) == -(-total // 1024)  # every chunk went to the pool
+    if total >= 4 * 4096:  # CRC-32C: chunks of 4 KiB from 16 KiB up
+        assert crc.crc32c_of(pieces) == crc32c(data)
+        assert len(small_chunks) == -(-total // 1024) + -(-total // 4096)
 
 
 def test_empty_and_multidimensional_buffers():
@@ -95,15 +106,16 @@ def test_chunks_cut_exact_runs():
 
 def large_message():
     g = torch.Generator().manual_seed(0)
-    n = crc.PARALLEL_MIN // 4 + 1000  # float32 elements: over the threshold, so the threads check it
+    # float32 elements: over CRC-32C's threshold (4 x PARALLEL_MIN), so the threads check it
+    n = crc.PARALLEL_MIN * crc.KINDS["crc32c"][2] // 4 + 1000
     return Message({"w": torch.randn(n, generator=g), "b": torch.randn(7, generator=g)}, {"round": 1})
 
 
 def test_large_frame_roundtrip_uses_threads():
     m = large_message()
     blob = encode(m)
-    assert len(blob) > crc.PARALLEL_MIN
-    assert int.from_bytes(blob[4:8], "little") == zlib.crc32(blob[8:])
+    assert len(blob) > crc.PARALLEL_MIN * crc.KINDS["crc32c"][2]
+    assert int.from_bytes(blob[4:8], "little") == crc32c(blob[8:])  # the frame's checksum is CRC-32C
     out = decode(blob)
     assert torch.equal(out.tensors["w"], m.tensors["w"]) and torch.equal(out.tensors["b"], m.tensors["b"])
 

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from crc32c import crc32c
+
 from feddiff.compress.wire import Message, MessageError, decode, encode, pack_frame, unpack_frame
 
 
@@ -62,7 +64,7 @@ def frame_with_header(head: dict) -> bytes:
 
     raw = zlib.compress(json.dumps(head).encode())
     body = len(raw).to_bytes(4, "little") + raw
-    return b"FDM\x02" + zlib.crc32(body).to_bytes(4, "little") + body
+    return b"FDM\x03" + crc32c(body).to_bytes(4, "little") + body
 
 
 @pytest.mark.parametrize("head, match", [
@@ -99,7 +101,7 @@ def test_storage_table_out_of_bounds_rejected():
     new_head = zlib.compress(json.dumps(head).encode())
     body = len(new_head).to_bytes(4, "little") + new_head
     body += bytes((-(12 + len(new_head))) % 8) + bytes(16)
-    bad = b"FDM\x02" + zlib.crc32(body).to_bytes(4, "little") + body
+    bad = b"FDM\x03" + crc32c(body).to_bytes(4, "little") + body
     with pytest.raises(MessageError, match="do not fit float32"):
         decode(bad)
 
@@ -110,7 +112,7 @@ def test_header_bomb_refused():
     head = zlib.compress(b"[" * (80 << 20))
     body = len(head).to_bytes(4, "little") + head
     with pytest.raises(MessageError, match="complete compressed header"):
-        decode(b"FDM\x02" + zlib.crc32(body).to_bytes(4, "little") + body)
+        decode(b"FDM\x03" + crc32c(body).to_bytes(4, "little") + body)
 
 
 def test_bytes_are_deterministic():

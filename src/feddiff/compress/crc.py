@@ -1,13 +1,16 @@
-"""CRC-32 (zlib's) of a sequence of buffers, computed on several threads, equal to the sequential one.
+"""CRCs of a sequence of buffers, computed on several threads, equal to the sequential one.
 
-``zlib.crc32`` releases the GIL on large buffers, so chunks of a message can be checked side by side
-(and beside a copy on the main thread). The chunk CRCs are joined with the zero-shift operator that
-zlib's ``crc32_combine`` uses (not exposed by Python's zlib): for finalized CRCs ``a`` of ``A`` and
-``b`` of ``B``, ``crc(A + B) = Z_len(B)(a) ^ b``, where ``Z_n`` is the linear map that runs the CRC
-register over ``n`` zero bytes. ``Z_n`` is kept as the images of the 32 basis bits, made once per
-length from ``Z_1`` (taken from zlib itself) by squaring.
+Two CRCs: CRC-32 (zlib's; checkpoint files) and CRC-32C (Castagnoli, hardware-accelerated by the
+``crc32c`` package, 3-4x faster than zlib's CRC-32 here; the wire frames). Both release the GIL on
+large buffers, so chunks of a message can be checked side by side (and beside a copy on the main
+thread). The chunk CRCs are joined with the zero-shift operator that zlib's ``crc32_combine`` uses
+(not exposed by Python's zlib): for finalized CRCs ``a`` of ``A`` and ``b`` of ``B``,
+``crc(A + B) = Z_len(B)(a) ^ b``, where ``Z_n`` is the linear map that runs the CRC register over ``n``
+zero bytes. ``Z_n`` is kept as the images of the 32 basis bits, made once per length from ``Z_1``
+(taken from the CRC function itself) by squaring.
 
     crc32_of([blob])                     # == zlib.crc32(blob)
+    crc32c_of([blob])                    # == crc32c.crc32c(blob)
     future = crc32_async([head, *parts]) # a concurrent.futures-like object; .result() is the CRC
 """
 
@@ -19,9 +22,14 @@ import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 
+import crc32c as _crc32c
+
 CHUNK = 1 << 20  # bytes per task; a multiple of it is cheap to shift by (one cached operator)
 PARALLEL_MIN = 8 * CHUNK  # below this, one sequential zlib.crc32 is as fast as the hand-off (measured)
 _MASK = 0xFFFFFFFF
+# name -> (the CRC continued over one buffer: fn(data, crc_so_far), bytes per task, least bytes for threads);
+# CRC-32C runs at 10-17 GB/s on one core here: its chunks are larger, and small frames stay on one thread
+KINDS = {"crc32": (zlib.crc32, 1, 1), "crc32c": (lambda data, value=0: _crc32c.crc32c(data, value), 4, 4)}
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -60,28 +68,29 @@ def _apply(op: tuple[int, ...], x: int) -> int:
 
 
 @lru_cache(maxsize=None)
-def _zeros_pow2(k: int) -> tuple[int, ...]:
+def _zeros_pow2(k: int, kind: str = "crc32") -> tuple[int, ...]:
     """The operator for 2**k zero bytes, as the images of bits 0..31."""
     if k == 0:
-        return tuple(zlib.crc32(b"\0", (1 << i) ^ _MASK) ^ _MASK for i in range(32))
-    half = _zeros_pow2(k - 1)
+        fn = KINDS[kind][0]
+        return tuple(fn(b"\0", (1 << i) ^ _MASK) ^ _MASK for i in range(32))
+    half = _zeros_pow2(k - 1, kind)
     return tuple(_apply(half, half[i]) for i in range(32))
 
 
-def shift(crc: int, n: int) -> int:
+def shift(crc: int, n: int, kind: str = "crc32") -> int:
     """``crc`` as if ``n`` zero bytes followed: apply ``Z_n``."""
     k = 0
     while n:
         if n & 1:
-            crc = _apply(_zeros_pow2(k), crc)
+            crc = _apply(_zeros_pow2(k, kind), crc)
         n >>= 1
         k += 1
     return crc
 
 
-def combine(crc_a: int, crc_b: int, len_b: int) -> int:
-    """CRC-32 of ``A + B`` from the CRCs of ``A`` and ``B`` (zlib's crc32_combine)."""
-    return shift(crc_a, len_b) ^ crc_b
+def combine(crc_a: int, crc_b: int, len_b: int, kind: str = "crc32") -> int:
+    """The CRC of ``A + B`` from the CRCs of ``A`` and ``B`` (zlib's crc32_combine)."""
+    return shift(crc_a, len_b, kind) ^ crc_b
 
 
 def _chunks(buffers: list[memoryview], size: int) -> list[list[memoryview]]:
@@ -101,10 +110,11 @@ def _chunks(buffers: list[memoryview], size: int) -> list[list[memoryview]]:
     return out
 
 
-def _crc_run(pieces: list[memoryview]) -> tuple[int, int]:
+def _crc_run(pieces: list[memoryview], kind: str = "crc32") -> tuple[int, int]:
+    fn = KINDS[kind][0]
     crc = n = 0
     for p in pieces:
-        crc = zlib.crc32(p, crc)
+        crc = fn(p, crc)
         n += len(p)
     return crc, n
 
@@ -125,15 +135,15 @@ class _Done:
 class _Joined:
     """The CRC of all chunks, joined in order once every chunk's task has finished."""
 
-    def __init__(self, futures: list[Future]):
-        self._futures = futures
+    def __init__(self, futures: list[Future], kind: str = "crc32"):
+        self._futures, self._kind = futures, kind
 
     def result(self) -> int:
         crc = 0
         try:
             for i, f in enumerate(self._futures):
                 c, n = f.result()
-                crc = c if i == 0 else combine(crc, c, n)
+                crc = c if i == 0 else combine(crc, c, n, self._kind)
         except BaseException:
             self.cancel()
             raise
@@ -151,23 +161,40 @@ class _Joined:
                     pass
 
 
-def crc32_async(buffers: list) -> _Done | _Joined:
-    """Start the CRC-32 of the concatenation of ``buffers``; ``.result()`` waits and returns it."""
+def crc_async(buffers: list, kind: str = "crc32") -> _Done | _Joined:
+    """Start the CRC (``kind``: "crc32" or "crc32c") of the concatenation of ``buffers``; ``.result()``
+    waits and returns it."""
+    _, chunk_scale, min_scale = KINDS[kind]
     views = [v.cast("B") for v in map(memoryview, buffers) if v.nbytes]  # (empty ones may not cast)
     total = sum(len(v) for v in views)
-    if total < PARALLEL_MIN or threads() == 1:
-        return _Done(_crc_run(views)[0])
+    if total < PARALLEL_MIN * min_scale or threads() == 1:
+        return _Done(_crc_run(views, kind)[0])
     futures: list[Future] = []
     try:
         pool = _executor()
-        for run in _chunks(views, CHUNK):
-            futures.append(pool.submit(_crc_run, run))
+        for run in _chunks(views, CHUNK * chunk_scale):
+            futures.append(pool.submit(_crc_run, run, kind))
     except RuntimeError:  # no new threads at interpreter shutdown: check it here
-        _Joined(futures).cancel()
-        return _Done(_crc_run(views)[0])
-    return _Joined(futures)
+        _Joined(futures, kind).cancel()
+        return _Done(_crc_run(views, kind)[0])
+    return _Joined(futures, kind)
+
+
+def crc32_async(buffers: list) -> _Done | _Joined:
+    """Start the CRC-32 of the concatenation of ``buffers``; ``.result()`` waits and returns it."""
+    return crc_async(buffers, "crc32")
+
+
+def crc32c_async(buffers: list) -> _Done | _Joined:
+    """Start the CRC-32C of the concatenation of ``buffers``; ``.result()`` waits and returns it."""
+    return crc_async(buffers, "crc32c")
 
 
 def crc32_of(buffers: list) -> int:
     """CRC-32 of the concatenation of ``buffers``, equal to ``zlib.crc32`` of the joined bytes."""
     return crc32_async(buffers).result()
+
+
+def crc32c_of(buffers: list) -> int:
+    """CRC-32C of the concatenation of ``buffers``, equal to ``crc32c.crc32c`` of the joined bytes."""
+    return crc32c_async(buffers).result()
