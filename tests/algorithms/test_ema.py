@@ -11,7 +11,8 @@ from feddiff.algorithms.fedavg import FedAvgConfig
 from feddiff.algorithms.hierarchical import HierFAVGConfig
 from feddiff.algorithms.unet_split import UDecConfig
 from feddiff.client.runtime import ClientState
-from feddiff.config import ConfigError, EMAConfig, TrainConfig
+from feddiff.client.train import LocalTrainSpec
+from feddiff.config import ConfigError, EMAConfig
 from feddiff.engines.runner import resume, run
 from feddiff.types import under
 
@@ -32,7 +33,7 @@ def test_the_decay_is_per_optimizer_step():
 def wrapped(inner_cfg, rule, n=2, decay=0.5, steps=2, **ema):
     # the server knows each client's steps from the config (2 local steps), never from its reply
     s = EMAStrategy(strategy_from(inner_cfg, n, 0), EMAConfig(rule=rule, decay=decay, **ema),
-                    TrainConfig(local_steps=steps))
+                    LocalTrainSpec(lr=1e-3, batch_size=8, local_steps=steps))
     s.initialize({"w": torch.zeros(2)})
     return s
 

@@ -40,7 +40,7 @@ import torch
 from feddiff.algorithms.aggregate import weighted_mean
 from feddiff.algorithms.base import ClientHook, Failure, Reply, Strategy, StrategyWrapper, Task, Transfer
 from feddiff.algorithms.registry import Wrapper, get_algorithm, register_wrapper
-from feddiff.client.train import LocalTerm
+from feddiff.client.train import LocalTerm, LocalTrainSpec, train_spec
 from feddiff.model.parts import select
 from feddiff.types import StateDict, clone_state, under
 
@@ -80,15 +80,6 @@ def ema_update(ema: StateDict, model: StateDict, keep: float) -> StateDict:
     """``keep * ema + (1 - keep) * model`` per floating tensor (new tensors); other tensors are the model's."""
     return {k: torch.lerp(ema[k], v.to(ema[k].dtype), 1.0 - keep) if v.is_floating_point() and k in ema else v.clone()
             for k, v in model.items()}
-
-
-def steps_of(train: Any, num_samples: int) -> int:
-    """The local optimizer steps a client of ``num_samples`` images takes in a round, by the run's config
-    (``train.local_steps``, else ``local_epochs`` passes in batches of ``batch_size``): what the server
-    knows, never what a client claims."""
-    if train.local_steps > 0:
-        return int(train.local_steps)
-    return int(train.local_epochs * math.ceil(num_samples / train.batch_size))
 
 
 def mean_steps(replies: list[Reply], steps: Callable[[Reply], int]) -> float:
@@ -194,10 +185,10 @@ class EMAClient(ClientHook):
 class EMAStrategy(StrategyWrapper):
     """``[ema]`` around ``inner``: the EMA kept by the server, the clients or the edges (``rule``)."""
 
-    def __init__(self, inner: Strategy, cfg: Any, train: Any = None):
+    def __init__(self, inner: Strategy, cfg: Any, train: LocalTrainSpec | None = None):
         super().__init__(inner)
         self.ema_cfg = cfg
-        self.train_cfg = train  # the run's [train]: each client's steps per round, as the server knows them
+        self.train_spec = train  # each client's steps per round (num_steps), as the server knows them
         self.pending_steps: float | None = None  # server rule: the round's steps, applied once its exchanges end
         self.ema: StateDict = {}
         self.ema_step = 0  # global optimizer steps folded into the EMA so far
@@ -239,8 +230,8 @@ class EMAStrategy(StrategyWrapper):
         """Local steps of ``reply``'s client this round, from the config and its known size (never its claim)."""
         sizes = self.inner.context.num_samples
         n = sizes[reply.client] if sizes is not None else reply.num_samples
-        if self.train_cfg is not None:
-            return steps_of(self.train_cfg, n)
+        if self.train_spec is not None:
+            return self.train_spec.num_steps(n)
         claimed = float(reply.metrics.get("steps", 0.0))  # no config (a bare strategy in a notebook): the claim
         return int(min(max(claimed, 0.0), MAX_STEPS_PER_ROUND)) if math.isfinite(claimed) else 0
 
@@ -259,6 +250,7 @@ class EMAStrategy(StrategyWrapper):
             uniform = getattr(self.inner.cfg, "weighting", "samples") == "uniform"
             mean = weighted_mean(client_emas, [1.0 if uniform else r.num_samples for r in replies])
             self.ema = {k: mean.get(k, v) for k, v in self.inner.global_state().items()}
+            self.ema_step += round(steps)
             self.ema_summary = {"clients": len(client_emas)}
         elif rule == "edge":
             pending = self.inner.pending
@@ -269,8 +261,6 @@ class EMAStrategy(StrategyWrapper):
                 self.edge_ema[e] = ema_update(self.edge_ema[e], self.inner.edges[e], keep)
                 self.edge_steps[e] += round(s)
                 self.ema_summary[f"edge{e}_keep"] = round(keep, 8)
-        if rule == "client":
-            self.ema_step += round(steps)
         return metrics
 
     def exchange(self, rnd: int, arrived: list[Transfer]) -> list[Transfer]:
@@ -290,8 +280,8 @@ class EMAStrategy(StrategyWrapper):
             out += [Transfer(t.src, t.dst, t.link, self.edge_ema[int(t.src.removeprefix("edge"))], {"ema": True}, "up")
                     for t in out]
         elif ours and ours[0].dst == "cloud":  # the cloud averages the EMAs with the models' central weights
-            lam = self._central_weights(theirs)
-            self.ema = weighted_mean([t.tensors for t in ours], lam)
+            lam = self.inner.central_lambda(theirs)  # the weights the models got
+            self.ema = weighted_mean([t.tensors for t in ours], lam.tolist())
             self.ema_step = max(self.edge_steps)
             out += [Transfer("cloud", t.src, t.link, self.ema, {"ema": True}, "down") for t in ours]
             self.ema_summary["synchronized"] = True
@@ -300,17 +290,6 @@ class EMAStrategy(StrategyWrapper):
                 e = int(t.dst.removeprefix("edge"))
                 self.edge_ema[e], self.edge_steps[e] = t.tensors, self.ema_step
         return out
-
-    def _central_weights(self, arrived: list[Transfer]) -> list[float]:
-        """lambda_e, as the wrapped hierarchy computes it from what the edges sent (``hierarchical.py``)."""
-        import numpy as np
-
-        from feddiff.algorithms.homogeneity import central_weights
-
-        cfg = self.inner.cfg
-        lam = central_weights([t.meta["num_samples"] for t in arrived], [np.asarray(t.meta["q"]) for t in arrived],
-                              self.inner.target(), cfg.central_a, cfg.central_b)
-        return lam.tolist()
 
     def round_metrics(self, rnd: int) -> dict[str, Any]:
         out = self.inner.round_metrics(rnd)
@@ -361,7 +340,7 @@ def wrap(strategy: Strategy, cfg: Any) -> Strategy:
     if cfg.ema.rule == "off":
         return strategy
     check(cfg)
-    return EMAStrategy(strategy, cfg.ema, cfg.train)
+    return EMAStrategy(strategy, cfg.ema, train_spec(cfg))  # the steps as the client runtime counts them
 
 
 def client(cfg: Any) -> ClientHook | None:

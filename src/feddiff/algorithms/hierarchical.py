@@ -187,8 +187,7 @@ class Hierarchical(Strategy):
                              {"num_samples": self.edge_samples[e], "q": [float(x) for x in q[e]]}, "up")
                     for e in range(self.num_edges)]
         if arrived[0].dst == "cloud":  # the central aggregation, on what the cloud decoded
-            lam = central_weights([t.meta["num_samples"] for t in arrived], [np.asarray(t.meta["q"]) for t in arrived],
-                                  self.target(), self.cfg.central_a, self.cfg.central_b)
+            lam = self.central_lambda(arrived)
             self.global_model = weighted_mean([t.tensors for t in arrived], lam.tolist())
             self.summary["central_weights"] = [round(float(x), 6) for x in lam]
             return [Transfer("cloud", f"edge{e}", CLOUD_LINK, self.global_model, {}, "down")
@@ -199,6 +198,11 @@ class Hierarchical(Strategy):
             self._reset_stats()
         self.summary["central"] = True
         return []
+
+    def central_lambda(self, arrived: list[Transfer]) -> np.ndarray:
+        """lambda_e from what the edges sent up: max(N_e + a HS(q_e) + b, 0), normalised."""
+        return central_weights([t.meta["num_samples"] for t in arrived], [np.asarray(t.meta["q"]) for t in arrived],
+                               self.target(), self.cfg.central_a, self.cfg.central_b)
 
     def round_metrics(self, rnd: int) -> dict[str, Any]:
         return dict(self.summary)

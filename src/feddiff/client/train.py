@@ -74,6 +74,17 @@ class LocalTrainSpec:
         return self.local_epochs * math.ceil(num_samples / self.batch_size)
 
 
+def train_spec(cfg) -> LocalTrainSpec:
+    """What every client does in a round, from the run config's ``[train]`` (and the loss and flips)."""
+    t = cfg.train
+    return LocalTrainSpec(
+        lr=t.lr, batch_size=t.batch_size, optimizer=t.optimizer, momentum=t.momentum, local_epochs=t.local_epochs,
+        local_steps=t.local_steps, warmup_steps=t.warmup_steps, grad_clip=t.grad_clip,
+        adam_betas=tuple(t.adam_betas), loss=cfg.diffusion.loss, random_flip=cfg.data.random_flip,
+        precision=t.precision,
+    )
+
+
 @dataclass
 class LocalTrainResult:
     num_steps: int

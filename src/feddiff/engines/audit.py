@@ -91,10 +91,7 @@ def run_audit(sim, rounds_done: int, acfg: AuditConfig, clients: list[int] | Non
 
     exp, server, cfg = sim.exp, sim.server, sim.cfg
     t0 = time.perf_counter()
-    clients = list(range(exp.num_clients)) if clients is None else clients
-    bad = [k for k in clients if not 0 <= k < exp.num_clients]
-    if bad:
-        raise ConfigError(f"clients {bad} do not exist; this run has clients 0..{exp.num_clients - 1}")
+    clients = exp.chosen_clients(clients)
     models = server.eval_models(sim.engine)
     net, notes = None, []
     if acfg.features:

@@ -15,7 +15,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from feddiff.algorithms import Strategy, StrategyContext, client_hook, make_strategy
 from feddiff.client.node import ClientData
 from feddiff.client.runtime import ClientRuntime
-from feddiff.client.train import LocalTrainSpec
+from feddiff.client.train import train_spec
 from feddiff.compress.channel import LinkSpec
 from feddiff.compress.link import LinkSpecs
 from feddiff.compress.codecs import make_codec
@@ -166,17 +166,6 @@ def model_kwargs(cfg: Config, in_channels: int) -> dict:
     )
 
 
-def train_spec(cfg: Config) -> LocalTrainSpec:
-    """What every client does in a round, from ``[train]``."""
-    t = cfg.train
-    return LocalTrainSpec(
-        lr=t.lr, batch_size=t.batch_size, optimizer=t.optimizer, momentum=t.momentum, local_epochs=t.local_epochs,
-        local_steps=t.local_steps, warmup_steps=t.warmup_steps, grad_clip=t.grad_clip,
-        adam_betas=tuple(t.adam_betas), loss=cfg.diffusion.loss, random_flip=cfg.data.random_flip,
-        precision=t.precision,
-    )
-
-
 def link_spec(link: LinkConfig) -> LinkSpec:
     """A configured direction of the link: codec, weights or delta, error feedback."""
     quantized = link.codec in ("int8", "int4")
@@ -245,6 +234,15 @@ class Experiment:
     def model(self) -> UNet2DModel:
         """The working model of the initial architecture."""
         return self.model_for(self.spec)
+
+    def chosen_clients(self, clients: list[int] | None) -> list[int]:
+        """``clients`` (None: every client), each checked to exist; a bad id is a ConfigError naming it."""
+        if clients is None:
+            return list(range(self.num_clients))
+        bad = [k for k in clients if not 0 <= k < self.num_clients]
+        if bad:
+            raise ConfigError(f"clients {bad} do not exist; this run has clients 0..{self.num_clients - 1}")
+        return list(clients)
 
     def steps_per_round(self, client: int) -> int:
         """Optimizer steps client ``client`` takes in a round."""

@@ -33,7 +33,7 @@ from feddiff.client.train import train_local
 from feddiff.config import ConfigError, PersonalizeConfig
 from feddiff.engines.evaluate import cache_dir, reference_key, reference_subset, summarize
 from feddiff.engines.experiment import load_split
-from feddiff.metrics.fid import FeatureStats, reweighted_stats
+from feddiff.metrics.fid import FeatureStats, label_weights, reweighted_stats
 from feddiff.metrics.quality import reference_features
 from feddiff.model.export import save_pipeline
 from feddiff.model.parts import group_of
@@ -61,15 +61,13 @@ def client_references(cfg, net, histograms: dict[int, np.ndarray],
     feats = reference_features(net, images, cache_dir=cache_dir(cfg.eval), key=reference_key(cfg))
     out, ess = {}, {}
     y = labels.numpy()
-    counts = np.bincount(y, minlength=len(next(iter(histograms.values()), [])))
     for k, hist in histograms.items():
         try:
             out[k] = reweighted_stats(feats, y, hist)
         except ValueError as err:  # a class the client holds is missing from a small reference subset
             log(f"note: client {k}: no own-distribution reference ({err})")
             continue
-        p = np.asarray(hist, dtype=np.float64) / max(float(np.sum(hist)), 1.0)
-        w = (p[: len(counts)] / np.where(counts > 0, counts, 1))[y]
+        w = label_weights(y, hist)
         ess[k] = float(w.sum() ** 2 / (w**2).sum())
     return out, ess
 
@@ -91,10 +89,7 @@ def run_phase(sim, rounds_done: int, pcfg: PersonalizeConfig, clients: list[int]
     t0 = time.perf_counter()
     sim.prepare_quality()
     evaluator = server.evaluator
-    clients = list(range(exp.num_clients)) if clients is None else clients
-    bad = [k for k in clients if not 0 <= k < exp.num_clients]
-    if bad:
-        raise ConfigError(f"clients {bad} do not exist; this run has clients 0..{exp.num_clients - 1}")
+    clients = exp.chosen_clients(clients)
     starts = server.eval_models(sim.engine)
     personal = exp.strategy.personalized
     missing = [k for k in clients if personal and client_node(k) not in starts]
@@ -112,31 +107,32 @@ def run_phase(sim, rounds_done: int, pcfg: PersonalizeConfig, clients: list[int]
     model, spec_now = server.working_model(), exp.strategy.spec or exp.spec
     samples = sim.run_dir.path / "samples"
 
-    def score(state: StateDict, own: dict[str, FeatureStats]) -> dict[str, Any]:
+    def score(state: StateDict, k: int | None = None) -> dict[str, Any]:
+        """Held-out loss, FD and FD against client k's own distribution (k None: against every client's)."""
         model.load_state_dict(state)
         out: dict[str, Any] = {}
         if evaluator.heldout is not None:
             out["heldout_loss"] = evaluator.heldout_loss(model)
         if evaluator.quality is not None:
+            own = {client_node(c): refs[c] for c in (clients if k is None else [k]) if c in refs}
             q = evaluator.quality_metrics(model, own)
             out["fd"] = q["fd"]
             out["fd_vs"] = q.get("fd_vs", {})
         return out
 
+    def row(scored: dict[str, Any], k: int) -> dict[str, Any]:
+        """Client k's numbers of a score: held-out loss, FD, and its own-distribution FD as ``fd_own``."""
+        out = {key: scored[key] for key in ("heldout_loss", "fd") if key in scored}
+        if client_node(k) in scored.get("fd_vs", {}):
+            out["fd_own"] = scored["fd_vs"][client_node(k)]
+        return out
+
     # before: the model each client starts from (the global one is sampled once and scored against every client)
-    before: dict[str, dict[str, Any]] = {}
     if not personal:
-        g = score(starts["global"], {client_node(k): refs[k] for k in clients if k in refs})
-        for k in clients:
-            before[client_node(k)] = {key: g[key] for key in ("heldout_loss", "fd") if key in g}
-            if client_node(k) in g.get("fd_vs", {}):
-                before[client_node(k)]["fd_own"] = g["fd_vs"][client_node(k)]
+        g = score(starts["global"])
+        before = {client_node(k): row(g, k) for k in clients}
     else:
-        for k in clients:
-            s = score(starts[client_node(k)], {"own": refs[k]} if k in refs else {})
-            before[client_node(k)] = {key: s[key] for key in ("heldout_loss", "fd") if key in s}
-            if "own" in s.get("fd_vs", {}):
-                before[client_node(k)]["fd_own"] = s["fd_vs"]["own"]
+        before = {client_node(k): row(score(starts[client_node(k)], k), k) for k in clients}
 
     # fine-tune each client on its own data; nothing is sent
     spec = replace(exp.runtime.spec, local_steps=pcfg.steps, warmup_steps=0, lr=pcfg.lr or exp.runtime.spec.lr)
@@ -153,11 +149,7 @@ def run_phase(sim, rounds_done: int, pcfg: PersonalizeConfig, clients: list[int]
             for p in frozen:
                 p.requires_grad_(True)
         trained = clone_state(model.state_dict())
-        s = score(trained, {"own": refs[k]} if k in refs else {})
-        after[node] = {key: s[key] for key in ("heldout_loss", "fd") if key in s}
-        if "own" in s.get("fd_vs", {}):
-            after[node]["fd_own"] = s["fd_vs"]["own"]
-        after[node]["train_loss"] = result.loss
+        after[node] = {**row(score(trained, k), k), "train_loss": result.loss}
         if k in ess:
             after[node]["own_reference_images"] = round(ess[k], 1)
         model.load_state_dict(trained)

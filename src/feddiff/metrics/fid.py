@@ -79,18 +79,12 @@ class FeatureStats:
         return (cov + cov.T) / 2  # exact symmetry for the eigen-solvers downstream
 
 
-def reweighted_stats(feats, labels, target) -> FeatureStats:
-    """Statistics of ``feats`` (N, D) with rows weighted so that class c carries the share ``target[c]``.
-
-    The reference of one client's own distribution, from a shared labelled split: each row of class c
-    gets weight ``N * target[c] / count[c]`` (so the weights sum to N, and a class the client does not
-    hold weighs nothing). A class with ``target[c] > 0`` and no row is an error.
-    """
-    x = _as_float64(feats, "reweighted_stats", 2)
+def label_weights(labels, target) -> np.ndarray:
+    """Row weights that give class c the share ``target[c]`` of a labelled set: ``N * target[c] / count[c]``
+    for a row of class c (they sum to N; a class the target does not hold weighs nothing). A class with
+    ``target[c] > 0`` and no row is an error."""
     y = np.asarray(labels, dtype=np.int64)
     p = np.asarray(target, dtype=np.float64)
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"reweighted_stats: {x.shape[0]} feature rows but labels of shape {y.shape}")
     if p.ndim != 1 or (p < 0).any() or p.sum() <= 0 or (y.size and (y.min() < 0 or y.max() >= p.size)):
         raise ValueError(f"reweighted_stats: target must be a non-negative vector with a positive sum and one "
                          f"entry per class of the labels (0..{int(y.max()) if y.size else -1}), got {p.tolist()}")
@@ -98,7 +92,16 @@ def reweighted_stats(feats, labels, target) -> FeatureStats:
     missing = [c for c in range(p.size) if p[c] > 0 and counts[c] == 0]
     if missing:
         raise ValueError(f"reweighted_stats: classes {missing} have weight in the target but no rows")
-    w = (x.shape[0] * (p / p.sum()) / np.where(counts > 0, counts, 1))[y]
+    return (y.size * (p / p.sum()) / np.where(counts > 0, counts, 1))[y]
+
+
+def reweighted_stats(feats, labels, target) -> FeatureStats:
+    """Statistics of ``feats`` (N, D) with rows weighted so that class c carries the share ``target[c]``
+    (:func:`label_weights`): the reference of one client's own distribution, from a shared labelled split."""
+    x = _as_float64(feats, "reweighted_stats", 2)
+    if np.shape(labels) != (x.shape[0],):
+        raise ValueError(f"reweighted_stats: {x.shape[0]} feature rows but labels of shape {np.shape(labels)}")
+    w = label_weights(labels, target)
     xw = x * w[:, None]
     return FeatureStats(float(w.sum()), xw.sum(axis=0), xw.T @ x)
 

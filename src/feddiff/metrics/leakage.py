@@ -134,12 +134,8 @@ def tpr_at_fpr(member_loss: torch.Tensor, heldout_loss: torch.Tensor, fpr: float
     if not len(heldout_loss) or not len(member_loss):
         raise ValueError("tpr_at_fpr: need members and held-out images")
     held = torch.sort(heldout_loss.to(torch.float64)).values
-    allowed = int(fpr * len(held))  # held-out images the threshold may let through
-    if allowed == 0:
-        threshold = held[0]  # nothing held-out below it: members strictly under the lowest held-out loss
-    else:
-        threshold = held[allowed]
-    return float((member_loss.to(torch.float64) < threshold).to(torch.float64).mean())
+    allowed = int(fpr * len(held))  # held-out images the threshold may let through (0: strictly under the lowest)
+    return float((member_loss.to(torch.float64) < held[allowed]).to(torch.float64).mean())
 
 
 __all__ = ["NearCopies", "feature_distances", "membership_auc", "near_copies", "nearest", "pixel_distances",

@@ -129,7 +129,8 @@ class NodeSession:
         from feddiff.client.node import ClientData, ClientNode
         from feddiff.client.runtime import ClientRuntime
         from feddiff.compress.link import ClientLink
-        from feddiff.engines.experiment import ModelCache, link_specs, model_spec, pick_device, train_spec
+        from feddiff.client.train import train_spec
+        from feddiff.engines.experiment import ModelCache, link_specs, model_spec, pick_device
         from feddiff.model.diffusion import make_scheduler
         from feddiff.seeding import derive_seed
 
