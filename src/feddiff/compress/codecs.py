@@ -57,12 +57,16 @@ from typing import Any, ClassVar
 import torch
 
 from feddiff.compress.quantize import (
+    BLOCK,
     affine_grid,
     dequantize_affine,
     dequantize_symmetric,
     pack_nibbles,
     quantize_affine,
     quantize_symmetric,
+    round_levels,
+    segments,
+    store_levels,
     row_absmax,
     unpack_nibbles,
 )
@@ -73,6 +77,14 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 
 class CodecError(ValueError):
     """Storage or parameters do not fit the codec (corrupted or inconsistent message)."""
+
+
+class TensorError(CodecError):
+    """A :class:`CodecError` of the ``index``-th tensor of a group (the wire names it)."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
 
 
 class Codec:
@@ -98,9 +110,93 @@ class Codec:
             raise CodecError(f"identity: stored {x.dtype}{list(x.shape)} but header says {dtype}{list(shape)}")
         return x
 
+    # --- groups: many tensors of one dtype at once (what the wire calls) ---------------------------
+    #
+    # A group's storage is one flat array per part, each tensor's part laid out after the previous
+    # tensor's, so the layout follows from the shapes alone. The per-tensor ``layout``, ``encode`` and
+    # ``decode`` define it; subclasses override the group methods only to do the same work in fewer,
+    # larger operations (the result must be the same bytes and the same tensors).
+
+    def layout(self, shape: list[int], dtype: torch.dtype) -> dict[str, tuple[torch.dtype, list[int]]]:
+        """Storage of one tensor of ``shape`` and ``dtype``: part suffix -> (dtype, shape), in storage order."""
+        return {"": (dtype, list(shape))}
+
+    def group_layout(self, shapes: list[list[int]], numels: list[int],
+                     dtype: torch.dtype) -> dict[str, tuple[torch.dtype, list[int]]]:
+        """Storage of a group: part suffix -> (dtype, each tensor's element count in that part).
+
+        ``shapes`` have been checked (non-negative integers) and ``numels`` are their products. Raises
+        :class:`TensorError` if a tensor cannot use this codec (e.g. an integer dtype for a lossy codec).
+        """
+        out: dict[str, tuple[torch.dtype, list[int]]] = {}
+        for i, shape in enumerate(shapes):
+            try:
+                parts = self.layout(shape, dtype)
+            except CodecError as err:
+                raise TensorError(i, str(err)) from None
+            for suffix, (part_dtype, part_shape) in parts.items():
+                out.setdefault(suffix, (part_dtype, []))[1].append(math.prod(part_shape))
+        return out
+
+    def encode_group(self, xs: list[torch.Tensor], out: Storage, generator: torch.Generator | None = None) -> None:
+        """Write the storage of the CPU tensors ``xs`` (one dtype) into ``out``'s flat parts (from ``group_layout``).
+
+        Raises :class:`TensorError` naming the first tensor that cannot be encoded.
+        """
+        offsets = dict.fromkeys(out, 0)
+        for i, x in enumerate(xs):
+            try:
+                parts, params = self.encode(x, generator)
+            except CodecError as err:
+                raise TensorError(i, str(err)) from None
+            if params:
+                raise TensorError(i, f"{self.name}: codec parameters {params!r} cannot travel in a group")
+            for suffix, t in parts.items():
+                n = t.numel()
+                out[suffix][offsets[suffix] : offsets[suffix] + n].copy_(t.reshape(-1))
+                offsets[suffix] += n
+
+    def decode_group(self, raw: Storage, shapes: list[list[int]], numels: list[int],
+                     dtype: torch.dtype) -> list[torch.Tensor]:
+        """The tensors of a group from its parts: ``raw[suffix]`` is that part's bytes as a flat uint8
+        tensor of the frame's read-only memory (never written, never returned: results own their memory).
+
+        Raises :class:`TensorError` naming the first tensor whose storage is invalid.
+        """
+        layouts = [self.layout(shape, dtype) for shape in shapes]
+        flat = {s: raw[s].clone().view(part_dtype) for s, (part_dtype, _) in layouts[0].items()} if layouts else {}
+        offsets = dict.fromkeys(flat, 0)
+        out = []
+        for i, (shape, layout) in enumerate(zip(shapes, layouts)):
+            parts = {}
+            for suffix, (_, part_shape) in layout.items():
+                n = math.prod(part_shape)
+                parts[suffix] = flat[suffix][offsets[suffix] : offsets[suffix] + n].view(part_shape)
+                offsets[suffix] += n
+            try:
+                out.append(self.decode(parts, {}, shape, dtype))
+            except CodecError as err:
+                raise TensorError(i, str(err)) from None
+        return out
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{self.name}({args})"
+
+
+class IdentityCodec(Codec):
+    """The identity with group operations of one copy each: a concatenation and a clone."""
+
+    def group_layout(self, shapes: list[list[int]], numels: list[int],
+                     dtype: torch.dtype) -> dict[str, tuple[torch.dtype, list[int]]]:
+        return {"": (dtype, list(numels))}
+
+    def encode_group(self, xs: list[torch.Tensor], out: Storage, generator: torch.Generator | None = None) -> None:
+        torch.cat([x.reshape(-1) for x in xs], out=out[""])
+
+    def decode_group(self, raw: Storage, shapes: list[list[int]], numels: list[int],
+                     dtype: torch.dtype) -> list[torch.Tensor]:
+        return _copy_out(raw[""], dtype, shapes, numels, lambda stored: stored.clone())
 
 
 class HalfCodec(Codec):
@@ -122,6 +218,23 @@ class HalfCodec(Codec):
         shape = _check_header(self.name, params, shape, dtype)
         _check_parts(self.name, storage, [""])
         return _part(self.name, storage, "", self.storage_dtype, shape).to(dtype)
+
+    def layout(self, shape: list[int], dtype: torch.dtype) -> dict[str, tuple[torch.dtype, list[int]]]:
+        _check_header(self.name, {}, shape, dtype)
+        return {"": (self.storage_dtype, list(shape))}
+
+    def encode_group(self, xs: list[torch.Tensor], out: Storage, generator: torch.Generator | None = None) -> None:
+        # one cast of everything; anything not finite afterwards (NaN, Inf, or beyond the 16-bit
+        # range) takes the per-tensor path, which saturates or names the tensor
+        torch.cat([x.reshape(-1) for x in xs], out=out[""])
+        if not bool(torch.isfinite(out[""]).all()):
+            super().encode_group(xs, out, generator)
+
+    def decode_group(self, raw: Storage, shapes: list[list[int]], numels: list[int],
+                     dtype: torch.dtype) -> list[torch.Tensor]:
+        _check_header(self.name, {}, [], dtype)
+        return _copy_out(raw[""], self.storage_dtype, shapes, numels,
+                         lambda stored: stored.to(dtype) if dtype != self.storage_dtype else stored.clone())
 
 
 class Float16Codec(HalfCodec):
@@ -199,6 +312,86 @@ class IntCodec(Codec):
             raise CodecError(f"{self.name}: level {int(q.min())} is outside [-{self.max_level}, {self.max_level}]")
         q2 = q.reshape(num_rows, n // num_rows if num_rows else 0)
         return dequantize_symmetric(q2, absmax, self.max_level).reshape(shape).to(dtype)
+
+    def layout(self, shape: list[int], dtype: torch.dtype) -> dict[str, tuple[torch.dtype, list[int]]]:
+        shape = _check_header(self.name, {}, shape, dtype)
+        n = math.prod(shape)
+        q = (torch.uint8, [(n + 1) // 2]) if self.bits == 4 else (torch.int8 if self.scheme == "channel" else torch.uint8, shape)
+        if self.scheme == "affine":
+            return {"q": q, "affine": (torch.float32, [2])}
+        return {"q": q, "absmax": (torch.float32, [_num_rows(shape)])}
+
+    def _batched(self) -> bool:
+        """Whether the group methods below apply: int8 affine with round-to-nearest (the FedDM-quant
+        codec). The others (channel grids, int4 nibbles, stochastic rounding, whose noise is drawn
+        tensor by tensor) take the per-tensor path."""
+        return self.bits == 8 and self.scheme == "affine" and not self.stochastic_rounding
+
+    def group_layout(self, shapes: list[list[int]], numels: list[int],
+                     dtype: torch.dtype) -> dict[str, tuple[torch.dtype, list[int]]]:
+        _check_header(self.name, {}, [], dtype)
+        q = [(n + 1) // 2 for n in numels] if self.bits == 4 else list(numels)
+        q_dtype = torch.int8 if self.bits == 8 and self.scheme == "channel" else torch.uint8
+        if self.scheme == "affine":
+            return {"q": (q_dtype, q), "affine": (torch.float32, [2] * len(numels))}
+        return {"q": (q_dtype, q), "absmax": (torch.float32, [_num_rows(s) for s in shapes])}
+
+    def encode_group(self, xs: list[torch.Tensor], out: Storage, generator: torch.Generator | None = None) -> None:
+        """int8 affine: the same levels and grids as :meth:`encode`, computed over runs of tensors of at
+        most ``quantize.BLOCK`` elements at once (:class:`.quantize.Segments`); larger tensors go one at
+        a time, block by block."""
+        if not self._batched():
+            return super().encode_group(xs, out, generator)
+        numels = [x.numel() for x in xs]
+        q, grid, start = out["q"], out["affine"].view(-1, 2), 0
+        for i, j in _runs(numels):  # runs of at most BLOCK elements: each is quantized while it is in cache
+            xs32 = [x if x.dtype == torch.float32 else x.to(torch.float32) for x in xs[i:j]]
+            n = sum(numels[i:j])
+            if j - i == 1 and n > BLOCK:
+                work, segs, ends = None, None, torch.stack(torch.aminmax(xs32[0])).view(1, 2)
+            else:
+                work = torch.cat([x.reshape(-1) for x in xs32])
+                segs = segments(tuple(numels[i:j]))
+                ends = segs.minmax(work)
+            ends = ends.double()  # [lo, hi] per tensor; the grid is computed in float64, as affine_grid does
+            lo, hi = ends[:, 0], ends[:, 1]
+            if not (bool(torch.isfinite(ends).all()) and bool((hi - lo <= _FLOAT32_MAX).all())):
+                return super().encode_group(xs, out, generator)  # names the tensor and what is wrong with it
+            grid[i:j] = torch.stack([lo, (hi - lo) / self.max_level], dim=1)  # rounded to float32: what travels
+            offsets, scales = grid[i:j, 0].tolist(), grid[i:j, 1].tolist()
+            if work is None:
+                quantize_affine(xs32[0], offsets[0], scales[0], self.max_level, None, out=q[start : start + n])
+            else:
+                segs.apply_(work, "sub", offsets)
+                segs.apply_(work, "div", [s if s != 0.0 else 1.0 for s in scales])  # scale 0: x - lo is 0 anyway
+                store_levels(round_levels(work, 0, self.max_level, None), q[start : start + n])
+            start += n
+
+    def decode_group(self, raw: Storage, shapes: list[list[int]], numels: list[int],
+                     dtype: torch.dtype) -> list[torch.Tensor]:
+        """int8 affine: the levels of a run converted to float32 at once, then ``* scale + offset`` per tensor."""
+        if not self._batched():
+            return super().decode_group(raw, shapes, numels, dtype)
+        _check_header(self.name, {}, [], dtype)
+        grid = raw["affine"].clone().view(torch.float32).view(-1, 2)
+        if not (bool(torch.isfinite(grid).all()) and bool((grid[:, 1] >= 0).all())):
+            return super().decode_group(raw, shapes, numels, dtype)  # names the tensor
+        offsets, scales = grid[:, 0].tolist(), grid[:, 1].tolist()
+        q, out, start = raw["q"], [], 0
+        for i, j in _runs(numels):  # one buffer per run (see _runs)
+            n = sum(numels[i:j])
+            if j - i == 1 and n > BLOCK:
+                views = [dequantize_affine(q[start : start + n], offsets[i], scales[i], out=torch.empty(n))]
+            else:
+                work = q[start : start + n].to(torch.float32)
+                segs = segments(tuple(numels[i:j]))
+                segs.apply_(work, "mul", scales[i:j])
+                segs.apply_(work, "add", offsets[i:j])
+                views = torch.split(work, numels[i:j])
+            out += [v.view(shape) if dtype == torch.float32 else v.view(shape).to(dtype)
+                    for v, shape in zip(views, shapes[i:j])]
+            start += n
+        return out
 
     def _rounding_generator(self, generator: torch.Generator | None) -> torch.Generator | None:
         """The generator to round with: None (round to nearest) unless stochastic_rounding."""
@@ -327,15 +520,45 @@ def _num_rows(shape: list[int] | torch.Size) -> int:
     return shape[0] if len(shape) >= 2 else 1
 
 
+def _runs(numels: list[int], limit: int = 4 * BLOCK) -> list[tuple[int, int]]:
+    """``(i, j)`` spans of a group: each tensor over ``limit`` elements alone, the others in runs of at
+    most ``limit`` elements. Buffers of a run's size come from the allocator's reused memory, as a
+    clone of each tensor would, where one buffer for a whole state dict would be fresh pages (page
+    faults: measured to cost as much as the copy itself)."""
+    runs: list[tuple[int, int]] = []
+    total = 0
+    for k, n in enumerate(numels):
+        if n > limit or not runs or total + n > limit:
+            runs.append((k, k + 1))
+            total = n
+        else:
+            runs[-1] = (runs[-1][0], k + 1)
+            total += n
+    return runs
+
+
+def _copy_out(raw: torch.Tensor, stored: torch.dtype, shapes: list[list[int]], numels: list[int],
+              convert: Any) -> list[torch.Tensor]:
+    """Tensors of ``shapes`` from ``raw`` (the frame's bytes of values stored as ``stored``), copied out of
+    the frame run by run with ``convert`` (which must return new memory), as views of each run's copy."""
+    out, start = [], 0
+    for i, j in _runs(numels, BLOCK * 4 // stored.itemsize):  # about 1 MiB of the frame per copy
+        n = sum(numels[i:j]) * stored.itemsize
+        values = convert(raw[start : start + n].view(stored))
+        out += [v.view(shape) for v, shape in zip(torch.split(values, numels[i:j]), shapes[i:j])]
+        start += n
+    return out
+
+
 def _rows_view(x: torch.Tensor) -> torch.Tensor:
     rows = _num_rows(x.shape)
     return x.reshape(rows, x.numel() // rows if rows else 0)
 
 
-IDENTITY = Codec()
+IDENTITY = IdentityCodec()
 
 CODECS: dict[str, type[Codec]] = {
-    "identity": Codec,
+    "identity": IdentityCodec,
     "fp16": Float16Codec,
     "bf16": BFloat16Codec,
     "int8": Int8Codec,

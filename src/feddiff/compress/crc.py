@@ -161,18 +161,24 @@ class _Joined:
                     pass
 
 
-def crc_async(buffers: list, kind: str = "crc32") -> _Done | _Joined:
+def crc_async(buffers: list, kind: str = "crc32", background: int | None = None) -> _Done | _Joined:
     """Start the CRC (``kind``: "crc32" or "crc32c") of the concatenation of ``buffers``; ``.result()``
-    waits and returns it."""
+    waits and returns it.
+
+    ``background``: from this many bytes on, a buffer too small to be cut into chunks is still checked
+    on a worker thread, in one piece, so that the caller can work beside it (a decoder copying the
+    tensors out); below it, and without it, such a buffer is checked here and now.
+    """
     _, chunk_scale, min_scale = KINDS[kind]
     views = [v.cast("B") for v in map(memoryview, buffers) if v.nbytes]  # (empty ones may not cast)
     total = sum(len(v) for v in views)
-    if total < PARALLEL_MIN * min_scale or threads() == 1:
+    if threads() == 1 or total < min(PARALLEL_MIN * min_scale, total + 1 if background is None else background):
         return _Done(_crc_run(views, kind)[0])
+    size = CHUNK * chunk_scale if total >= PARALLEL_MIN * min_scale else total
     futures: list[Future] = []
     try:
         pool = _executor()
-        for run in _chunks(views, CHUNK * chunk_scale):
+        for run in _chunks(views, size):
             futures.append(pool.submit(_crc_run, run, kind))
     except RuntimeError:  # no new threads at interpreter shutdown: check it here
         _Joined(futures, kind).cancel()
@@ -185,9 +191,9 @@ def crc32_async(buffers: list) -> _Done | _Joined:
     return crc_async(buffers, "crc32")
 
 
-def crc32c_async(buffers: list) -> _Done | _Joined:
+def crc32c_async(buffers: list, background: int | None = None) -> _Done | _Joined:
     """Start the CRC-32C of the concatenation of ``buffers``; ``.result()`` waits and returns it."""
-    return crc_async(buffers, "crc32c")
+    return crc_async(buffers, "crc32c", background)
 
 
 def crc32_of(buffers: list) -> int:
