@@ -150,3 +150,29 @@ def test_empty_and_scalar_tensors():
     m = Message({"e": torch.zeros(0, 3), "s": torch.tensor(2.5), "b": torch.tensor([True, False])})
     out = decode(encode(m)).tensors
     assert out["e"].shape == (0, 3) and out["s"].item() == 2.5 and out["b"].tolist() == [True, False]
+
+
+def test_a_frame_checked_piece_by_piece_is_the_same_frame(monkeypatch):
+    import feddiff.compress.wire as wire
+    from feddiff.compress.codecs import make_codec
+
+    g = torch.Generator().manual_seed(1)
+    m = Message({f"w{i}": torch.randn(5 + 40 * i, generator=g) for i in range(12)} | {"n": torch.arange(9)},
+                {"round": 1})
+    for codec in (make_codec("identity"), make_codec("fp16"), make_codec("int8")):
+        whole = encode(m, codec)
+        monkeypatch.setattr(wire, "_PIECE", 64)  # every frame here now has many pieces
+        pieces = encode(m, codec)
+        monkeypatch.setattr(wire, "_PIECE", 8 << 20)
+        assert pieces == whole and decode(pieces).meta == {"round": 1}
+
+
+def test_a_bad_tensor_in_a_later_piece_is_named(monkeypatch):
+    import feddiff.compress.wire as wire
+    from feddiff.compress.codecs import make_codec
+
+    monkeypatch.setattr(wire, "_PIECE", 64)
+    tensors = {f"w{i}": torch.ones(30) for i in range(6)}
+    tensors["w4"][3] = float("nan")
+    with pytest.raises(ValueError, match=r"tensor 'w4': fp16: cannot encode .* 1 NaN"):
+        encode(Message(tensors), make_codec("fp16"))

@@ -21,6 +21,7 @@ import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
+from typing import Any
 
 import crc32c as _crc32c
 
@@ -184,6 +185,38 @@ def crc_async(buffers: list, kind: str = "crc32", background: int | None = None)
         _Joined(futures, kind).cancel()
         return _Done(_crc_run(views, kind)[0])
     return _Joined(futures, kind)
+
+
+class Pipeline:
+    """The CRC of buffers that become ready one after another (a frame written piece by piece): each is
+    checked on a worker thread as soon as it is added, beside the writing of the next, and
+    :meth:`result` joins them in order. A buffer must not change once added."""
+
+    def __init__(self, kind: str = "crc32c"):
+        self._kind, self._futures = kind, []
+
+    def add(self, buffer: Any) -> None:
+        view = memoryview(buffer)
+        if not view.nbytes:
+            return
+        view = view.cast("B")
+        if threads() > 1:
+            try:
+                self._futures.append(_executor().submit(_crc_run, [view], self._kind))
+                return
+            except RuntimeError:  # no new threads at interpreter shutdown: check it here
+                pass
+        done: Future = Future()
+        done.set_result(_crc_run([view], self._kind))
+        self._futures.append(done)
+
+    def result(self) -> int:
+        """The CRC of the concatenation of everything added (waits for the workers)."""
+        return _Joined(self._futures, self._kind).result() if self._futures else 0
+
+    def cancel(self) -> None:
+        """Stop checking (the caller's buffers are about to go)."""
+        _Joined(self._futures, self._kind).cancel()
 
 
 def crc32_async(buffers: list) -> _Done | _Joined:

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from feddiff.compress.codecs import IDENTITY, Codec, CodecError, TensorError, make_codec
-from feddiff.compress.crc import crc32c_async
+from feddiff.compress.crc import Pipeline, crc32c_async
 from feddiff.types import StateDict
 
 MAGIC = b"FDM"
@@ -49,6 +49,7 @@ VERSION = 4
 _PREFIX = 12  # magic(3) + version(1) + crc32(4) + header length(4)
 _ALIGN = 8
 _MAX_HEADER = 64 << 20  # a decompressed header larger than this is refused (zip bombs)
+_PIECE = 8 << 20  # frames of two pieces or more have their checksum computed piece by piece as they are written
 _HUGE = 8 << 20  # frames from this size on are asked to be backed by huge pages (_advise_huge)
 _HUGE_PAGE = 2 << 20
 _CRC_BESIDE = 1 << 20  # from this size on, a frame's checksum is computed on a worker thread while it is decoded
@@ -299,21 +300,61 @@ def encode(message: Message, codec: Codec = IDENTITY, generator: torch.Generator
 
 def _fill(buffer: memoryview, head: bytes, data_start: int, groups: list[tuple[_Group, list[torch.Tensor]]],
           generator: torch.Generator | None) -> None:
+    """Write the frame into ``buffer``. A large frame's checksum is computed piece by piece on worker
+    threads as the pieces are written (:class:`.crc.Pipeline`): a group with a single part (the
+    identity's values, fp16's) is encoded in runs of about ``_PIECE`` bytes for that, which by the
+    codecs' contract (each tensor's storage after the previous one's) gives the same bytes."""
     buffer[:3] = MAGIC
     buffer[3] = VERSION
     buffer[8:12] = len(head).to_bytes(4, "little")
     buffer[_PREFIX : _PREFIX + len(head)] = head
-    if len(buffer) > data_start:
-        data = torch.frombuffer(buffer, dtype=torch.uint8, offset=data_start)
+    crc = Pipeline("crc32c")
+    pipelined = len(buffer) >= _PIECE * 2
+    done = 8  # the checksum covers buffer[8:], handed to `crc` in order as it is written
+    try:
+        data = torch.frombuffer(buffer, dtype=torch.uint8, offset=data_start) if len(buffer) > data_start else None
         for group, xs in groups:
-            out = {s: data[o : o + n].view(dtype) for s, (dtype, o, n) in group.parts.items()}
-            try:
-                with torch.no_grad():  # the caller's tensors may require grad; their values are what travel
-                    group.codec.encode_group(xs, out, generator)
-            except CodecError as err:
-                raise CodecError(group.blame(err)) from None
-        del data, out
-    buffer[4:8] = crc32c_async([buffer[8:]]).result().to_bytes(4, "little")
+            ((suffix, (dtype, offset, nbytes)),) = group.parts.items() if len(group.parts) == 1 else ((None, (0, 0, 0)),)
+            if pipelined and suffix is not None and nbytes >= _PIECE * 2:
+                start = offset
+                for i, j in _pieces(group.numels, _PIECE // dtype.itemsize):
+                    end = start + sum(group.numels[i:j]) * dtype.itemsize
+                    _encode(group, xs[i:j], {suffix: data[start:end].view(dtype)}, generator, offset=i)
+                    crc.add(buffer[done : data_start + end])
+                    start, done = end, data_start + end
+            else:
+                _encode(group, xs, {s: data[o : o + n].view(dt) if n else torch.empty(0, dtype=dt)
+                                    for s, (dt, o, n) in group.parts.items()}, generator)
+        crc.add(buffer[done:])
+        buffer[4:8] = crc.result().to_bytes(4, "little")
+    except BaseException:
+        crc.cancel()  # the workers read the buffer: wait for them before it goes
+        raise
+    finally:
+        data = None
+
+
+def _encode(group: _Group, xs: list[torch.Tensor], out: dict[str, torch.Tensor], generator: torch.Generator | None,
+            offset: int = 0) -> None:
+    try:
+        with torch.no_grad():  # the caller's tensors may require grad; their values are what travel
+            group.codec.encode_group(xs, out, generator)
+    except TensorError as err:
+        raise CodecError(group.blame(TensorError(err.index + offset, str(err)))) from None
+    except CodecError as err:
+        raise CodecError(group.blame(err)) from None
+
+
+def _pieces(numels: list[int], limit: int) -> list[tuple[int, int]]:
+    """``(i, j)`` runs of consecutive tensors of about ``limit`` elements (a larger tensor: alone)."""
+    runs, total = [], 0
+    for k, n in enumerate(numels):
+        if runs and total + n <= limit:
+            runs[-1], total = (runs[-1][0], k + 1), total + n
+        else:
+            runs.append((k, k + 1))
+            total = n
+    return runs
 
 
 def _advise_huge(buffer: memoryview) -> None:
