@@ -6,8 +6,10 @@ input processed (encode + decode), the bytes on the wire and how many times fewe
 ``identity``, and the largest absolute error. The reference, measured in the same run and
 interleaved with the codecs, is ``torch.clone`` of the same tensors; ``ratio`` = codec MB/s /
 clone MB/s. ``codec_only_*`` times the codec's encode + decode per tensor without the wire
-(serialization, checksum), to show which of the two costs more. Medians over repeats (the
-machine is noisy). The last line is one JSON object; its
+(serialization, checksum), to show which of the two costs more. ``page_faults`` counts the minor
+page faults of a round trip (fresh memory written for the first time: a frame the allocator had
+given back to the kernel costs one per 4 KiB, about as long as writing it); the clone's are
+reported beside it. Medians over repeats (the machine is noisy). The last line is one JSON object; its
 top-level ``ratio`` is int8 (affine)'s, on the largest model measured.
 
 Torch runs on one thread by default (``--threads``): most state-dict tensors are small, and on a
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import time
 
@@ -55,15 +58,21 @@ def clone_all(tensors: dict[str, torch.Tensor]) -> float:
     return dt
 
 
-def roundtrip(tensors: dict[str, torch.Tensor], codec, seed: int) -> tuple[float, float, bytes, dict]:
-    """(encode seconds, decode seconds, blob, decoded tensors) for one message."""
+def faults() -> int:
+    """Minor page faults of this process so far (fresh memory touched for the first time)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def roundtrip(tensors: dict[str, torch.Tensor], codec, seed: int) -> tuple[float, float, bytes, dict, int]:
+    """(encode seconds, decode seconds, blob, decoded tensors, page faults) for one message."""
     g = torch.Generator().manual_seed(seed)
+    f0 = faults()
     t0 = time.perf_counter()
     blob = wire.encode(wire.Message(tensors), codec, g)
     t1 = time.perf_counter()
     out = wire.decode(blob).tensors
     t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, blob, out
+    return t1 - t0, t2 - t1, blob, out, faults() - f0
 
 
 def codec_only(tensors: dict[str, torch.Tensor], codec, seed: int) -> float:
@@ -90,7 +99,7 @@ def bench_model(model: str, repeats: int) -> dict:
     results: dict[str, dict] = {}
     clone_all(tensors)
     for label, codec in codecs.items():
-        _, _, blob, out = roundtrip(tensors, codec, 0)
+        _, _, blob, out, _ = roundtrip(tensors, codec, 0)
         err = max(((out[k].double() - v.double()).abs().max().item() if v.numel() else 0.0)
                   for k, v in tensors.items())
         results[label] = {"codec": codec.name, "settings": codec.config(), "bytes": len(blob), "max_abs_error": err}
@@ -98,12 +107,17 @@ def bench_model(model: str, repeats: int) -> dict:
     # Interleaved timings: clone, then every codec, per repeat.
     clone_s: list[float] = []
     times: dict[str, list[tuple[float, float]]] = {label: [] for label in codecs}
+    faulted: dict[str, list[int]] = {label: [] for label in codecs}
+    clone_faults: list[int] = []
     alone: dict[str, list[float]] = {label: [] for label in codecs}
     for r in range(repeats):
+        f0 = faults()
         clone_s.append(clone_all(tensors))
+        clone_faults.append(faults() - f0)
         for label, codec in codecs.items():
-            enc, dec, _, _ = roundtrip(tensors, codec, r + 1)
+            enc, dec, _, _, n = roundtrip(tensors, codec, r + 1)
             times[label].append((enc, dec))
+            faulted[label].append(n)
             alone[label].append(codec_only(tensors, codec, r + 1))
         print(f"  repeat {r + 1}/{repeats}: clone {mb / clone_s[-1]:.0f} MB/s, "
               + ", ".join(f"{label} {mb / sum(times[label][-1]):.0f}" for label in codecs), flush=True)
@@ -119,14 +133,16 @@ def bench_model(model: str, repeats: int) -> dict:
             "encode_mb_s": round(mb / enc, 1), "decode_mb_s": round(mb / dec, 1), "mb_s": round(mb / total, 1),
             "ratio": round(mb / total / clone_mbs, 4), "x_smaller": round(identity_bytes / res["bytes"], 4),
             "codec_only_mb_s": round(mb / codec_s, 1), "codec_only_ratio": round(mb / codec_s / clone_mbs, 4),
+            "page_faults": int(statistics.median(faulted[label])),
         })
         res["max_abs_error"] = float(f"{res['max_abs_error']:.4g}")
         print(f"  {label:16s} {res['mb_s']:7.1f} MB/s (enc {res['encode_mb_s']:.0f}, dec {res['decode_mb_s']:.0f})"
               f"  ratio to clone {res['ratio']:.3f}  codec alone {res['codec_only_mb_s']:.0f} MB/s"
               f" ({res['codec_only_ratio']:.3f})  {res['bytes']:>11,} bytes ({res['x_smaller']:.3f}x smaller)"
-              f"  max err {res['max_abs_error']:.3g}", flush=True)
+              f"  max err {res['max_abs_error']:.3g}  page faults {res['page_faults']}", flush=True)
     return {"params": sum(v.numel() for v in tensors.values()), "tensors": len(tensors), "input_mb": round(mb, 3),
-            "clone_mb_s": round(clone_mbs, 1), "codecs": results}
+            "clone_mb_s": round(clone_mbs, 1), "clone_page_faults": int(statistics.median(clone_faults)),
+            "codecs": results}
 
 
 def main() -> None:
