@@ -4,8 +4,11 @@ For each preset (``tiny``, ``fmnist``), one config (5 clients, 3 rounds x 20 loc
 Fashion-MNIST at 28 px) runs in the in-process simulator and on a local Flower deployment (SuperLink +
 5 SuperNodes, ``flwr run``), alternately. Per round the server-side wall time comes from each run's
 ``metrics.jsonl`` (``time_s.round``); steady rounds are rounds 2.. (round 1 also pays for the nodes'
-first dataset read). Reported: per-round times, the steady-round ratio Flower / simulator, the fixed
-per-round cost (their difference) and the whole wall time with start-up. Flower's Ray simulation is
+first dataset read). Flower runs twice: with a warm worker beside each SuperNode (the default of
+``feddiff flower``: the ClientApp hands each message to a process that keeps torch, the partition and
+the client between messages) and without (each message's ClientApp imports torch and rebuilds the
+client). Reported: per-round times, the steady-round ratio Flower / simulator (and its range over the
+steady rounds), the fixed per-round cost (their difference) and the whole wall time with start-up. Flower's Ray simulation is
 not installed here (``flwr[simulation]``), so it is not measured. The weights of the two runs are
 compared too (equal to float tolerance).
 
@@ -63,19 +66,26 @@ def bench(preset: str, quick: bool, out: Path) -> dict:
     t = time.perf_counter()
     sim = run(cfg)
     sim_wall = time.perf_counter() - t
-    t = time.perf_counter()
-    flower = RunDir.open(run_local(cfg, out / f"flower-{preset}", timeout_s=1800))
-    flower_wall = time.perf_counter() - t
-    rs, rf = rounds(sim), rounds(flower)
-    steady_s, steady_f = statistics.mean(rs[1:]), statistics.mean(rf[1:])
-    a, b = weights(sim), weights(flower)
-    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
-    row = {"preset": preset if preset != "anchor" else "anchor (small, 32 px)", "clients": cfg.partition.num_clients, "rounds": cfg.run.num_rounds,
-           "local_steps": cfg.train.local_steps, "simulator_round_s": [round(x, 2) for x in rs],
-           "flower_round_s": [round(x, 2) for x in rf], "steady_ratio": round(steady_f / steady_s, 3),
-           "fixed_per_round_s": round(steady_f - steady_s, 2), "simulator_wall_s": round(sim_wall, 1),
-           "flower_wall_s": round(flower_wall, 1), "max_weight_diff": diff,
-           "bytes_equal": [r["bytes"] for r in sim.read_metrics()] == [r["bytes"] for r in flower.read_metrics()]}
+    rs = rounds(sim)
+    steady_s = statistics.mean(rs[1:])
+    row = {"preset": preset if preset != "anchor" else "anchor (small, 32 px)", "clients": cfg.partition.num_clients,
+           "rounds": cfg.run.num_rounds, "local_steps": cfg.train.local_steps,
+           "simulator_round_s": [round(x, 2) for x in rs], "simulator_wall_s": round(sim_wall, 1)}
+    # with a warm worker beside each SuperNode (the default), and without (a torch import and a client per message)
+    for label, workers in (("flower", True), ("flower_no_workers", False)):
+        t = time.perf_counter()
+        flower = RunDir.open(run_local(cfg, out / f"{label}-{preset}", timeout_s=1800, workers=workers))
+        wall = time.perf_counter() - t
+        rf = rounds(flower)
+        steady_f = statistics.mean(rf[1:])
+        a, b = weights(sim), weights(flower)
+        row[label] = {"round_s": [round(x, 2) for x in rf], "steady_ratio": round(steady_f / steady_s, 3),
+                      "steady_ratio_range": [round(min(rf[1:]) / max(rs[1:]), 3), round(max(rf[1:]) / min(rs[1:]), 3)],
+                      "fixed_per_round_s": round(steady_f - steady_s, 2), "wall_s": round(wall, 1),
+                      "max_weight_diff": max(float((a[k] - b[k]).abs().max()) for k in a),
+                      "bytes_equal": [r["bytes"] for r in sim.read_metrics()] == [r["bytes"] for r in flower.read_metrics()]}
+        print(json.dumps({label: row[label]}), flush=True)
+    row["steady_ratio"] = row["flower"]["steady_ratio"]
     print(json.dumps(row), flush=True)
     return row
 

@@ -255,9 +255,18 @@ def cmd_flower(args: argparse.Namespace) -> int:
     console = _console()
     console.print(f"Flower deployment in {folder}: 1 SuperLink + {cfg.partition.num_clients} SuperNodes on loopback "
                   f"(logs in {folder}/logs)")
-    run_path = run_local(cfg, folder, edges=edges, timeout_s=args.timeout, round_timeout_s=args.round_timeout)
+    run_path = run_local(cfg, folder, edges=edges, timeout_s=args.timeout, round_timeout_s=args.round_timeout,
+                         workers=not args.no_workers)
     console.print(f"run folder: {run_path}")
     return 0
+
+
+def cmd_flower_worker(args: argparse.Namespace) -> int:
+    from feddiff.engines.flower.worker import main
+
+    argv = ["--socket", args.socket] + (["--slots", str(args.slots)] if args.slots else []) + \
+        (["--idle-exit", str(args.idle_exit)] if args.idle_exit else [])
+    return main(argv)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -429,5 +438,5 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "sample": cmd_sample, "partition": cmd_partition, "config": cmd_config,
-            "model-info": cmd_model_info, "prune": cmd_prune, "flower": cmd_flower, "sweep": cmd_sweep, "report": cmd_report, "eval": cmd_eval, "features": cmd_features,
+            "model-info": cmd_model_info, "prune": cmd_prune, "flower": cmd_flower, "flower-worker": cmd_flower_worker, "sweep": cmd_sweep, "report": cmd_report, "eval": cmd_eval, "features": cmd_features,
             "personalize": cmd_personalize, "audit": cmd_audit}

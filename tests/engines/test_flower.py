@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -282,6 +285,10 @@ def test_a_real_local_deployment_trains_like_the_simulator(make_config, tmp_path
     cfg = deployment_config(make_config)
     same_as_simulator(cfg, RunDir.open(run_local(cfg, tmp_path / "deployment", timeout_s=600)))
     assert (tmp_path / "deployment" / "logs" / "supernode-2.log").exists()
+    # each node's warm worker answered its messages (2 rounds); the ClientApps did not fall back
+    for k in range(3):
+        assert (tmp_path / "deployment" / "logs" / f"worker-{k}.log").read_text().count("answered in") == 2
+        assert "handles the message itself" not in (tmp_path / "deployment" / "logs" / f"supernode-{k}.log").read_text()
 
 
 @pytest.mark.deployment
@@ -291,7 +298,8 @@ def test_tls_with_node_authentication_refuses_an_unregistered_node(make_config, 
     cfg = deployment_config(make_config)
     folder = tmp_path / "deployment"
     app = write_app(folder / "app", cfg, folder / "run")
-    with LocalDeployment(folder, [node_config(k, 3) for k in range(3)], tls=True, auth=True) as dep:
+    # (without warm workers: each message's ClientApp does the work itself, the other way a node runs)
+    with LocalDeployment(folder, [node_config(k, 3) for k in range(3)], tls=True, auth=True, workers=False) as dep:
         rogue_key = dep.node_key("rogue", register=False)  # a key the SuperLink was never told about
         rogue = dep.start_node("rogue", node_config(0, 3), key=rogue_key)
         assert rogue.wait(120) != 0  # refused: it exits instead of joining
@@ -333,3 +341,137 @@ def test_a_superlink_off_loopback_needs_tls():
         check_transport("0.0.0.0", tls=False, auth=False, allow_insecure=False)
     with pytest.raises(RunError, match="authentication needs TLS"):
         check_transport("127.0.0.1", tls=False, auth=True, allow_insecure=True)
+
+
+# --- warm workers: the ClientApp hands each message to a process that keeps the client between messages ---
+
+
+@pytest.fixture
+def worker_at():
+    """Start Workers serving on a thread each, at short private socket paths; stopped at the end."""
+    import tempfile
+    import threading
+
+    from feddiff.engines.flower.worker import Worker
+
+    folder, started = Path(tempfile.mkdtemp(prefix="fdw-")), []
+
+    def start(name: str = "0", slots: int | None = None) -> tuple[str, Worker]:
+        worker = Worker(folder / f"{name}.sock", slots)
+        stop = threading.Event()
+        thread = threading.Thread(target=worker.serve, kwargs={"stop": stop}, daemon=True)
+        thread.start()
+        started.append((stop, thread))
+        return str(worker.path), worker
+
+    yield start
+    for stop, thread in started:
+        stop.set()
+        thread.join(10)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("sections", [
+    {},
+    {"algorithm": {"name": "scaffold"}, "train": {"optimizer": "sgd", "lr": 0.05},
+     "compress": {"uplink": {"codec": "int8", "mode": "delta", "error_feedback": True}}},
+])
+def test_nodes_with_workers_give_the_simulators_weights(make_config, tmp_path, task_identity, sections, monkeypatch,
+                                                        worker_at):
+    monkeypatch.setenv("FEDDIFF_CACHE", str(tmp_path / "node-cache"))
+    cfg = make_config(run={"num_rounds": 2}, eval={"grid_size": 0, "loss_num_samples": 0}, **sections)
+    sim = run(cfg)
+    app = write_app(tmp_path / "app", cfg, tmp_path / "flower-run") / "feddiff_flower_app" / "feddiff_run.json"
+    workers = [worker_at(str(i)) for i in range(cfg.partition.num_clients)]
+    configs = {node: {**conf, "worker": workers[conf["partition-id"]][0]}
+               for node, conf in nodes(cfg.partition.num_clients).items()}
+    flower = RunDir.open(apps.server_main(FakeGrid(configs, app), app))
+    a, b = final_weights(sim), final_weights(flower)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["bytes"] for r in sim.read_metrics()] == [r["bytes"] for r in flower.read_metrics()]
+    assert all(len(w.sessions) == 1 for _, w in workers)  # each worker built its client once, and answered
+
+
+def test_a_worker_reports_its_errors_and_a_missing_one_is_done_without(make_config, tmp_path, task_identity,
+                                                                      monkeypatch, worker_at, capsys):
+    from feddiff.engines.flower.worker import WorkerError, call
+
+    monkeypatch.setenv("FEDDIFF_CACHE", str(tmp_path / "node-cache"))
+    cfg = make_config(run={"num_rounds": 1}, eval={"grid_size": 0, "loss_num_samples": 0})
+    app = write_app(tmp_path / "app", cfg, tmp_path / "flower-run") / "feddiff_flower_app" / "feddiff_run.json"
+    path, worker = worker_at()
+    with pytest.raises(WorkerError, match="MessageError: not a feddiff message"):
+        call(path, str(app), {"partition-id": 0, "num-partitions": 2}, b"junk", None)
+    with pytest.raises(ConfigError, match="partition.num_clients=2"):  # the worker's ConfigError, raised again
+        call(path, str(app), {"partition-id": 0, "num-partitions": 3}, b"junk", None)
+    # a node whose worker is not there: its ClientApp handles the messages itself, with the same result
+    sim = run(cfg)
+    gone = {node: {**conf, "worker": str(Path(path).with_name("nobody.sock"))} for node, conf in nodes(2).items()}
+    flower = RunDir.open(apps.server_main(FakeGrid(gone, app), app))
+    a, b = final_weights(sim), final_weights(flower)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "this ClientApp handles the message itself" in capsys.readouterr().err
+
+
+def test_a_worker_socket_is_private_and_its_exchanges_bounded(tmp_path):
+    import os
+    import socket
+    import stat
+
+    from feddiff.engines.flower.worker import MAX_HEADER, Worker
+
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o755)
+    open_dir.chmod(0o755)
+    with pytest.raises(PermissionError, match="open to other users"):
+        Worker(open_dir / "w.sock")
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    w = Worker(private / "w.sock")
+    assert stat.S_IMODE(os.stat(w.path).st_mode) == 0o600
+    with pytest.raises(RuntimeError, match="another worker serves"):
+        Worker(w.path)
+    w.sock.close()  # died without cleaning up: the stale socket is replaced
+    w = Worker(w.path)
+    a, b = socket.socketpair(socket.AF_UNIX)
+    a.sendall((MAX_HEADER + 1).to_bytes(8, "little"))
+    with pytest.raises(ConnectionError, match="not a feddiff worker exchange"):
+        w.answer(b)
+    a.close(), b.close(), w.close()
+    assert not w.path.exists()
+
+
+def test_workers_sharing_a_machine_take_turns(tmp_path):
+    import threading
+
+    from feddiff.engines.flower.worker import Slots
+
+    slots, events = Slots(tmp_path, 1), []
+    first_in, release = threading.Event(), threading.Event()
+
+    def first():
+        with slots.held():
+            events.append("first in")
+            first_in.set()
+            release.wait(10)
+            events.append("first out")
+
+    def second():
+        first_in.wait(10)
+        with slots.held():
+            events.append("second in")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    first_in.wait(10)
+    time.sleep(0.2)  # the second is waiting now
+    assert events == ["first in"]
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert events == ["first in", "first out", "second in"]
+    with Slots(tmp_path, 2).held():  # two slots: a second holder does not wait for the first
+        done = threading.Event()
+        threading.Thread(target=lambda: (Slots(tmp_path, 2).held().__enter__(), done.set())).start()
+        assert done.wait(5)

@@ -13,6 +13,7 @@ partition from the node's cache, and keeps its record in ``Context.state``.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 # light imports only: a ClientApp process imports this module for every message, and a hello needs no torch
 from feddiff.config import Config, ConfigError, config_from_dict
-from feddiff.engines.flower.node import EDGE_ID, NUM_PARTITIONS, PARTITION_ID, NodeSession, node_identity
+from feddiff.engines.flower.node import EDGE_ID, NUM_PARTITIONS, PARTITION_ID, WORKER, NodeSession, node_identity
 from feddiff.engines.flower.protocol import DONE_FILE, SECTION, STATE
 
 
@@ -115,12 +116,11 @@ def hello_answer(node_config: dict[str, Any]) -> RecordDict:
 
 def client_answer(content: RecordDict, node_config: dict[str, Any], state: RecordDict, app_file: str | Path) -> RecordDict:
     """A node's answer to a feddiff task or query; its record in ``state`` is replaced only on success."""
-    cfg, _ = read_app_file(app_file)
-    session = NodeSession(cfg, node_identity(node_config))
+    node_identity(node_config)  # a node config that names no partition fails here, before anything is sent
     kept = state[STATE] if STATE in state else None
     before = kept["record"] if kept is not None else None
     rnd = int(content[SECTION]["round"])
-    reply, record = session.handle(content[SECTION]["blob"], before)
+    reply, record = handle_message(app_file, node_config, content[SECTION]["blob"], before)
     # the record from before this round is kept until the next round: a round that does not count
     # (faults policy) brings the node back to it (ROLLBACK); a second message of the same round (a retry)
     # keeps the one from before the round, not the one after its first attempt
@@ -130,6 +130,22 @@ def client_answer(content: RecordDict, node_config: dict[str, Any], state: Recor
         previous, had_previous = (before if before is not None else b""), before is not None
     state[STATE] = ConfigRecord({"record": record, "previous": previous, "had_previous": had_previous, "round": rnd})
     return RecordDict({SECTION: ConfigRecord({"blob": reply})})
+
+
+def handle_message(app_file: str | Path, node_config: dict[str, Any], blob: bytes,
+                   record: bytes | None) -> tuple[bytes, bytes]:
+    """(reply, the record's new bytes): by the node's warm worker if its config names one and it answers
+    (``worker.py``), else here, which imports torch and rebuilds the client for this one message."""
+    path = node_config.get(WORKER)
+    if path:
+        from feddiff.engines.flower import worker
+
+        try:
+            return worker.call(str(path), str(app_file), node_config, blob, record)
+        except worker.WorkerUnavailable as err:
+            print(f"feddiff: {err}; this ClientApp handles the message itself", file=sys.stderr, flush=True)
+    cfg, _ = read_app_file(app_file)
+    return NodeSession(cfg, node_identity(node_config)).handle(blob, record)
 
 
 def rollback_answer(content: RecordDict, state: RecordDict) -> RecordDict:

@@ -1,8 +1,9 @@
 """The engine over Flower's ``Grid``: feddiff's bytes in Flower messages, replies as they arrive.
 
 ``send_and_receive`` pushes one Flower message per task (our frame as a ``bytes`` value of a
-``ConfigRecord``: the ledger counts exactly what the simulator counts) and pulls replies every
-``poll_s`` (Flower's own ``Grid.send_and_receive`` sleeps 3 s between pulls). A reply with a Flower
+``ConfigRecord``: the ledger counts exactly what the simulator counts) and pulls replies, waiting
+``poll_s`` between pulls at first and up to ``MAX_POLL_S`` while none arrives (Flower's own
+``Grid.send_and_receive`` sleeps 3 s between pulls). A reply with a Flower
 error (the ClientApp raised, the node went away) is that client's failure, like a raising client in the
 simulator. Nodes are matched to clients by the ``partition-id`` in their node config, asked once with a
 ``query.hello`` message.
@@ -26,6 +27,9 @@ from feddiff.types import StateDict
 from feddiff.engines.flower.protocol import HELLO, QUERY, ROLLBACK, SECTION, TRAIN  # noqa: E402
 
 
+MAX_POLL_S = 0.5  # the longest wait between two pulls of replies (poll_s is the shortest)
+
+
 def exchange(grid: Grid, messages: list[Message], poll_s: float, timeout_s: float | None,
              on_reply=lambda index, message: None) -> tuple[list[Message], list[int]]:
     """Push ``messages`` and pull until every one has a reply or ``timeout_s`` passes.
@@ -35,6 +39,7 @@ def exchange(grid: Grid, messages: list[Message], poll_s: float, timeout_s: floa
     Returns (replies, indices of the messages that got none).
     """
     ids = list(grid.push_messages(messages))
+    wait = poll_s  # grows while nothing arrives (a long training costs the SuperLink few polls), back on a reply
     # a message the SuperLink did not store comes back with an empty id ("" in 1.42, None in older code)
     pending = {mid: i for i, mid in enumerate(ids) if mid}
     lost = [i for i, mid in enumerate(ids) if not mid]
@@ -47,8 +52,11 @@ def exchange(grid: Grid, messages: list[Message], poll_s: float, timeout_s: floa
             if i is not None:
                 replies.append(reply)
                 on_reply(i, reply)
-        if pending and not got:
-            time.sleep(poll_s)
+        if got:
+            wait = poll_s
+        elif pending:
+            time.sleep(wait)
+            wait = min(wait * 1.5, max(poll_s, MAX_POLL_S))
     return replies, lost + sorted(pending.values())
 
 

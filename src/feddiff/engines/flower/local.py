@@ -4,7 +4,11 @@ Everything lives in one folder: a private Flower home per process (nothing is wr
 the generated app, and every process's log. Ports are free ones picked at start. The processes run
 the Flower executables of this Python environment with runtime dependency installation off (Flower
 would otherwise ``uv sync`` the app's dependencies into a fresh environment, and could pull a CUDA
-torch), telemetry and update checks off, and a 0.05 s task poll on the nodes.
+torch), telemetry and update checks off, and a 0.2 s task poll on the nodes (Flower's default is 1 s;
+at 0.05 s the polls of 4 nodes and the SuperLink took a noticeable share of a 2-core machine).
+
+Each SuperNode gets a warm worker (``worker.py``) unless ``workers=False``: the ClientApp that Flower
+starts for every message hands the message to it. The workers of one machine take turns by core.
 
 The same commands, with TLS certificates and SuperNode keys instead of ``--insecure``, start a real
 deployment across machines (docs/flower.md).
@@ -14,15 +18,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from feddiff.config import Config
+from feddiff.engines.flower.node import WORKER
 from feddiff.engines.flower.protocol import DONE_FILE
 from feddiff.runs import RunError
 
@@ -63,7 +70,7 @@ def flower_env(home: Path) -> dict[str, str]:
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.update({"FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                 "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05", "HF_HUB_OFFLINE": "1"})
+                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2", "HF_HUB_OFFLINE": "1"})
     return env
 
 
@@ -143,14 +150,15 @@ class LocalDeployment:
     """
 
     def __init__(self, folder: Path, node_configs: list[str], tls: bool = False, auth: bool = False,
-                 host: str = "127.0.0.1", allow_insecure: bool = False):
+                 host: str = "127.0.0.1", allow_insecure: bool = False, workers: bool = True):
         check_transport(host, tls, auth, allow_insecure)
         self.folder = Path(folder)
         self.node_configs = node_configs
-        self.tls, self.auth, self.host = tls, auth, host
+        self.tls, self.auth, self.host, self.workers = tls, auth, host, workers
         self.port = free_port()
         self.procs: list[subprocess.Popen] = []
         self.certs: dict[str, Path] = {}
+        self.sockets: Path | None = None  # a private directory (0700) for the workers' sockets
 
     def _start(self, name: str, argv: list[str], threads: int | None = None) -> subprocess.Popen:
         home = self.folder / "flwr" / name
@@ -219,8 +227,32 @@ class LocalDeployment:
                 raise RunError(f"registering {public} failed: {(done.stdout + done.stderr).strip()[-500:]}")
         return private
 
+    def start_worker(self, k: int | str) -> Path:
+        """Start node ``k``'s warm worker (``worker.py``); returns its socket, once it listens."""
+        if self.sockets is None:  # short: a Unix socket's path has at most 107 bytes
+            self.sockets = Path(tempfile.mkdtemp(prefix="feddiff-workers-"))
+        path = self.sockets / f"{k}.sock"
+        slots = max(1, (os.cpu_count() or 1) // self.threads)  # the nodes share this machine's cores
+        proc = self._start(f"worker-{k}", [sys.executable, "-m", "feddiff.engines.flower.worker", "--socket", str(path),
+                                           "--slots", str(slots)], threads=self.threads)
+        end = time.monotonic() + 60
+        while not path.exists():  # it listens before its heavy imports: this takes a python start-up
+            if proc.poll() is not None or time.monotonic() > end:
+                log = self.folder / "logs" / f"worker-{k}.log"
+                raise RunError(f"the worker of node {k} did not start; {log}:{log_tail(log)}")
+            time.sleep(0.05)
+        return path
+
+    @property
+    def threads(self) -> int:
+        """torch threads of each node's process: the machine's cores shared among the nodes."""
+        return max(1, (os.cpu_count() or 1) // len(self.node_configs))
+
     def start_node(self, k: int | str, conf: str, key: Path | None = None) -> subprocess.Popen:
-        """Start SuperNode ``k`` with ``--node-config conf`` (with auth: a registered key, or ``key``)."""
+        """Start SuperNode ``k`` with ``--node-config conf`` (with auth: a registered key, or ``key``), and its
+        warm worker unless the deployment has none."""
+        if self.workers:
+            conf += f' {WORKER}="{self.start_worker(k)}"'
         argv = [executable("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
                 "--node-config", conf]
         if self.tls:
@@ -229,7 +261,7 @@ class LocalDeployment:
                 argv += ["--auth-supernode-private-key", str(key or self.node_key(k))]
         else:
             argv.append("--insecure")
-        return self._start(f"supernode-{k}", argv, threads=max(1, (os.cpu_count() or 1) // len(self.node_configs)))
+        return self._start(f"supernode-{k}", argv, threads=self.threads)
 
     def wait_listening(self, port: int, timeout_s: float) -> None:
         end = time.monotonic() + timeout_s
@@ -281,11 +313,13 @@ class LocalDeployment:
                 except ProcessLookupError:
                     pass
                 p.wait()
+        if self.sockets is not None:
+            shutil.rmtree(self.sockets, ignore_errors=True)
 
 
 def run_local(cfg: Config, folder: str | Path, num_nodes: int | None = None, edges: list[str] | None = None,
               timeout_s: float | None = None, poll_s: float = 0.05, tls: bool = False, auth: bool = False,
-              round_timeout_s: float | None = None) -> Path:
+              round_timeout_s: float | None = None, workers: bool = True) -> Path:
     """Train ``cfg`` on a local Flower deployment in ``folder``; returns the run folder (``folder/run``).
 
     Parameters
@@ -294,6 +328,9 @@ def run_local(cfg: Config, folder: str | Path, num_nodes: int | None = None, edg
         SuperNodes to start (default ``partition.num_clients``, one partition each).
     edges
         The ``edge-id`` of each node (hierarchies whose edges the nodes declare), or None.
+    workers
+        Start a warm worker beside each SuperNode (``worker.py``): the same results, without a torch
+        import and a client rebuilt for every message, and at most one training per core at a time.
     """
     folder = Path(folder).resolve()
     n = num_nodes or cfg.partition.num_clients
@@ -310,7 +347,7 @@ def run_local(cfg: Config, folder: str | Path, num_nodes: int | None = None, edg
     confs = [node_config(k, n, edges[k] if edges else "") for k in range(n)]
     folder.mkdir(parents=True, exist_ok=True)
     app = write_app(folder / "app", cfg, run_path, poll_s=poll_s, round_timeout_s=round_timeout_s)
-    with LocalDeployment(folder, confs, tls, auth) as dep:
+    with LocalDeployment(folder, confs, tls, auth, workers=workers) as dep:
         dep.run(app, timeout_s)
     if not (run_path / DONE_FILE).exists():  # the ServerApp writes it after its last round
         log = folder / "logs" / "flwr-run.log"

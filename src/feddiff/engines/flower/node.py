@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # torch is imported where a message needs it (a hello does no
 
 # node config keys (flower-supernode --node-config 'partition-id=0 num-partitions=4 edge-id="e1"')
 PARTITION_ID, NUM_PARTITIONS, EDGE_ID, DATA_ROOT = "partition-id", "num-partitions", "edge-id", "data-root"
+WORKER = "worker"  # the Unix socket of the node's warm worker (worker.py), if it has one
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,9 @@ def node_identity(node_config: dict[str, Any]) -> NodeIdentity:
     if not 0 <= pid < num:
         raise ConfigError(f"node config {PARTITION_ID}={pid} is not in 0..{num - 1} ({NUM_PARTITIONS}={num})")
     edge, root = node_config.get(EDGE_ID, ""), node_config.get(DATA_ROOT, "")
-    if not isinstance(edge, str) or not isinstance(root, str):
-        raise ConfigError(f"node config {EDGE_ID!r} and {DATA_ROOT!r} must be quoted strings, e.g. {EDGE_ID}=\"e1\"")
+    if not all(isinstance(node_config.get(k, ""), str) for k in (EDGE_ID, DATA_ROOT, WORKER)):
+        raise ConfigError(f"node config {EDGE_ID!r}, {DATA_ROOT!r} and {WORKER!r} must be quoted strings, "
+                          f"e.g. {EDGE_ID}=\"e1\"")
     return NodeIdentity(pid, num, edge, root)
 
 
