@@ -266,7 +266,10 @@ def cmd_flower_worker(args: argparse.Namespace) -> int:
 
     argv = ["--socket", args.socket] + (["--slots", str(args.slots)] if args.slots else []) + \
         (["--idle-exit", str(args.idle_exit)] if args.idle_exit else [])
-    return main(argv)
+    try:
+        return main(argv)
+    except KeyboardInterrupt:  # how a worker started by hand is stopped
+        return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

@@ -87,6 +87,12 @@ OK = {"codec": "identity", "codec_config": {}, "meta": {}}
     ({**OK, "codec": "int8", "codec_config": {"bits": 3}, "groups": [["int8", "float32", ["a"], [[1]]]]},
      "message codec: codec 'int8' has no setting"),
     ({**OK, "groups": [["identity", "float32", ["a"], [[2]]]]}, "data section is 0 bytes; the header's groups need 8"),
+    ({**OK, "groups": [[["x"], "float32", ["a"], [[1]]]]}, "the codec and dtype are names"),
+    ({**OK, "groups": [["identity", ["float32"], ["a"], [[1]]]]}, "the codec and dtype are names"),
+    ({**OK, "groups": [["identity", "int64", [], []]]}, "at least one tensor"),
+    ({**OK, "codec": "int8", "groups": [["int8", "int64", [], []]]}, "at least one tensor"),
+    ({**OK, "groups": [["identity", "float32", ["a"], [[1] * 65]]]}, r"at most 64 dimensions"),
+    ({**OK, "groups": [["identity", "float32", ["a"], [[0, 1 << 49]]]]}, r"invalid shape"),
 ])  # fmt: skip
 def test_well_framed_but_malformed_headers_rejected(head, match):
     with pytest.raises(MessageError, match=match):
@@ -108,7 +114,7 @@ def test_decoded_tensors_own_their_memory():
     # decoding reads a read-only frame: nothing decoded may alias it, nor each other
     m = Message({"a": torch.randn(300, 7), "b": torch.randn(5), "c": torch.arange(4)})
     blob = encode(m)
-    before = bytes(blob)
+    before = bytes(bytearray(blob))  # a copy (bytes(blob) would be blob itself)
     out = decode(blob).tensors
     for t in out.values():
         t.add_(1)
@@ -137,7 +143,7 @@ def test_header_bomb_refused():
 
     head = zlib.compress(b"[" * (80 << 20))
     body = len(head).to_bytes(4, "little") + head
-    with pytest.raises(MessageError, match="complete compressed header"):
+    with pytest.raises(MessageError, match="not exactly one compressed header"):
         decode(b"FDM\x04" + crc32c(body).to_bytes(4, "little") + body)
 
 
@@ -176,3 +182,43 @@ def test_a_bad_tensor_in_a_later_piece_is_named(monkeypatch):
     tensors["w4"][3] = float("nan")
     with pytest.raises(ValueError, match=r"tensor 'w4': fp16: cannot encode .* 1 NaN"):
         encode(Message(tensors), make_codec("fp16"))
+
+
+def test_a_deeply_nested_header_is_a_malformed_one():
+    import zlib
+
+    raw = zlib.compress(b"[" * 100000 + b"]" * 100000)
+    body = len(raw).to_bytes(4, "little") + raw
+    with pytest.raises(MessageError, match="malformed message header: RecursionError"):
+        decode(b"FDM\x04" + crc32c(body).to_bytes(4, "little") + body)
+
+
+def test_bytes_beside_the_header_are_refused():
+    import zlib
+
+    def frame(meta: dict) -> tuple[bytes, int, int]:
+        blob = encode(Message({"w": torch.ones(2)}, meta))
+        n = int.from_bytes(blob[8:12], "little")
+        return blob, n, (-(12 + n)) % 8  # the frame, its header's length, the padding after it
+
+    def checked(body: bytes) -> bytes:
+        return b"FDM\x04" + crc32c(body).to_bytes(4, "little") + body
+
+    blob, n, pad = next(f for f in (frame({"x": "a" * i}) for i in range(16)) if f[2] > 0)
+    body = bytearray(blob[8:])
+    body[4 + n] = 1  # the first byte of the padding
+    with pytest.raises(MessageError, match="nonzero padding after the message header"):
+        decode(checked(bytes(body)))
+    head = zlib.decompress(blob[12 : 12 + n])
+    raw = zlib.compress(head) + b"extra"  # a second stream's worth of bytes after the header's
+    body = len(raw).to_bytes(4, "little") + raw
+    body += bytes((-(12 + len(raw))) % 8) + blob[-8:]
+    with pytest.raises(MessageError, match="exactly one compressed header"):
+        decode(checked(body))
+
+
+def test_a_bool_is_zero_or_one():
+    header, parts = read_parts(encode(Message({"b": torch.tensor([True, False, True])})))
+    parts[0][""] = torch.tensor([1, 2, 0], dtype=torch.uint8).view(torch.bool)
+    with pytest.raises(MessageError, match="tensor 'b': identity: a bool tensor holds the byte 2"):
+        decode(write_parts(header, parts))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -394,6 +395,7 @@ def test_nodes_with_workers_give_the_simulators_weights(make_config, tmp_path, t
 
 def test_a_worker_reports_its_errors_and_a_missing_one_is_done_without(make_config, tmp_path, task_identity,
                                                                       monkeypatch, worker_at, capsys):
+    from feddiff.compress.wire import MessageError
     from feddiff.engines.flower.worker import WorkerError, call
 
     monkeypatch.setenv("FEDDIFF_CACHE", str(tmp_path / "node-cache"))
@@ -402,8 +404,12 @@ def test_a_worker_reports_its_errors_and_a_missing_one_is_done_without(make_conf
     path, worker = worker_at()
     with pytest.raises(WorkerError, match="MessageError: not a feddiff message"):
         call(path, str(app), {"partition-id": 0, "num-partitions": 2}, b"junk", None)
-    with pytest.raises(ConfigError, match="partition.num_clients=2"):  # the worker's ConfigError, raised again
+    with pytest.raises(WorkerError, match="ConfigError: .*partition.num_clients=2"):
         call(path, str(app), {"partition-id": 0, "num-partitions": 3}, b"junk", None)
+    # through the ClientApp: after the worker's failure, its own: the error a node without a worker reports
+    with pytest.raises(MessageError, match="not a feddiff message"):
+        apps.handle_message(app, {"partition-id": 0, "num-partitions": 2, "worker": path}, b"junk", None)
+    assert "the node's worker: MessageError" in capsys.readouterr().err
     # a node whose worker is not there: its ClientApp handles the messages itself, with the same result
     sim = run(cfg)
     gone = {node: {**conf, "worker": str(Path(path).with_name("nobody.sock"))} for node, conf in nodes(2).items()}
@@ -411,6 +417,75 @@ def test_a_worker_reports_its_errors_and_a_missing_one_is_done_without(make_conf
     a, b = final_weights(sim), final_weights(flower)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert "this ClientApp handles the message itself" in capsys.readouterr().err
+
+
+def test_a_worker_that_is_busy_gone_or_of_another_version_is_done_without(tmp_path, monkeypatch, worker_at):
+    import socket
+    import tempfile
+    import threading
+
+    from feddiff.engines.flower import worker as w
+
+    folder = Path(tempfile.mkdtemp(prefix="fdw-"))
+    try:
+        for behaviour in ("silent", "takes then dies"):
+            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            server.bind(str(folder / f"{len(behaviour)}.sock"))
+            server.listen(1)
+
+            def fake(server=server, behaviour=behaviour):
+                conn, _ = server.accept()
+                with conn:
+                    w._receive(conn, 2)
+                    if behaviour == "silent":  # busy with another message: never says it took this one
+                        time.sleep(1.0)
+                    else:  # took it, then went away (killed mid-training)
+                        w._send(conn, {"taken": True}, [])
+
+            thread = threading.Thread(target=fake, daemon=True)
+            thread.start()
+            monkeypatch.setattr(w, "ACCEPT_S", 0.3)
+            with pytest.raises(w.WorkerUnavailable, match="did not answer|did not take"):
+                w.call(str(folder / f"{len(behaviour)}.sock"), "app.json", {}, b"x", None)
+            thread.join(5)
+            server.close()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    path, worker = worker_at()
+    worker.versions()  # what the worker runs, fixed when it starts
+    monkeypatch.setattr(w, "_versions", lambda: {"feddiff": "9.9", "torch": "0.1"})  # the ClientApp: upgraded since
+    with pytest.raises(w.WorkerError, match="the ClientApp runs .*9.9.* restart it"):
+        w.call(path, str(tmp_path / "app.json"), {"partition-id": 0, "num-partitions": 2}, b"x", None)
+
+
+def test_one_worker_serves_runs_with_their_own_settings(make_config, tmp_path, task_identity, monkeypatch,
+                                                        worker_at):
+    monkeypatch.setenv("FEDDIFF_CACHE", str(tmp_path / "node-cache"))
+    from feddiff.engines.flower.node import NodeSession
+
+    default = torch.get_num_threads()
+    seen = []  # torch's threads where the worker trains (thread-local in OpenMP: observed there)
+    handle = NodeSession.handle
+    monkeypatch.setattr(NodeSession, "handle", lambda self, *a: (seen.append(torch.get_num_threads()),
+                                                                 handle(self, *a))[1])
+    path, worker = worker_at()
+    finals = []
+    try:
+        for name, threads in (("one-thread", 1), ("default", 0), ("one-thread", 1)):  # (0: torch's default)
+            cfg = make_config(run={"num_rounds": 1, "num_threads": threads, "name": name},
+                              eval={"grid_size": 0, "loss_num_samples": 0})
+            app = write_app(tmp_path / name, cfg, tmp_path / f"flower-{name}-{len(finals)}")
+            app = app / "feddiff_flower_app" / "feddiff_run.json"
+            configs = {node: {**conf, "worker": path} for node, conf in nodes(2).items()}
+            finals.append(final_weights(RunDir.open(apps.server_main(FakeGrid(configs, app), app))))
+            assert seen[-2:] == [threads or default] * 2  # set for each message, not once per worker
+    finally:
+        torch.set_num_threads(default)  # (the worker runs in this process: its settings are this test's)
+    # the third run rewrote the first's app file: its clients are new ones, not the first run's
+    first = os.path.realpath(tmp_path / "one-thread" / "feddiff_flower_app" / "feddiff_run.json")
+    stamps = [key[1] for key in worker.sessions if key[0] == first]
+    assert stamps == [os.stat(first).st_mtime_ns] * 2
+    assert all(torch.equal(finals[0][k], finals[2][k]) for k in finals[0])
 
 
 def test_a_worker_socket_is_private_and_its_exchanges_bounded(tmp_path):
@@ -423,8 +498,14 @@ def test_a_worker_socket_is_private_and_its_exchanges_bounded(tmp_path):
     open_dir = tmp_path / "open"
     open_dir.mkdir(mode=0o755)
     open_dir.chmod(0o755)
-    with pytest.raises(PermissionError, match="open to other users"):
+    with pytest.raises(PermissionError, match="no one else can enter.*mode 755"):
         Worker(open_dir / "w.sock")
+    (tmp_path / "private-file").mkdir(mode=0o700)
+    notes = tmp_path / "private-file" / "notes.txt"
+    notes.write_text("keep me")
+    with pytest.raises(FileExistsError, match="is not a socket"):  # a mistyped --socket deletes nothing
+        Worker(notes)
+    assert notes.read_text() == "keep me"
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
     w = Worker(private / "w.sock")
@@ -473,5 +554,12 @@ def test_workers_sharing_a_machine_take_turns(tmp_path):
     assert events == ["first in", "first out", "second in"]
     with Slots(tmp_path, 2).held():  # two slots: a second holder does not wait for the first
         done = threading.Event()
-        threading.Thread(target=lambda: (Slots(tmp_path, 2).held().__enter__(), done.set())).start()
+
+        def other():
+            with Slots(tmp_path, 2).held():
+                done.set()
+
+        t = threading.Thread(target=other)
+        t.start()
         assert done.wait(5)
+        t.join(5)

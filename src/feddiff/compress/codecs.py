@@ -1,8 +1,10 @@
 """Tensor codecs: how one tensor becomes storage tensors on the wire, and back.
 
-A codec's ``encode`` returns storage tensors (named by suffix) plus small JSON-able parameters;
-``decode`` inverts it. The message container (``wire.py``) turns storage into bytes, so what the
-ledger counts is always the real serialized length, scales and headers included.
+A codec's ``encode`` returns storage tensors (named by suffix) plus parameters (always empty: the
+wire's groups carry none; the codec's settings travel once per message); ``decode`` inverts it. The
+wire (``wire.py``) calls the group methods, which lay many tensors' storage end to end and must give
+the same bytes as ``encode`` tensor by tensor. What the ledger counts is always the real serialized
+length, scales and headers included.
 
 Codecs (``make_codec(name, **settings)``; the settings round-trip through ``config()``):
 
@@ -196,6 +198,8 @@ class IdentityCodec(Codec):
 
     def decode_group(self, raw: Storage, shapes: list[list[int]], numels: list[int],
                      dtype: torch.dtype) -> list[torch.Tensor]:
+        if dtype == torch.bool and raw[""].numel() and int(raw[""].max()) > 1:
+            raise CodecError(f"identity: a bool tensor holds the byte {int(raw[''].max())}; bools are 0 or 1")
         return _copy_out(raw[""], dtype, shapes, numels, lambda stored: stored.clone())
 
 
@@ -338,13 +342,13 @@ class IntCodec(Codec):
 
     def encode_group(self, xs: list[torch.Tensor], out: Storage, generator: torch.Generator | None = None) -> None:
         """int8 affine: the same levels and grids as :meth:`encode`, computed over runs of tensors of at
-        most ``quantize.BLOCK`` elements at once (:class:`.quantize.Segments`); larger tensors go one at
-        a time, block by block."""
+        most 4 x ``quantize.BLOCK`` elements at once (:class:`.quantize.Segments`); a tensor of more than
+        ``BLOCK`` elements alone in its run goes block by block."""
         if not self._batched():
             return super().encode_group(xs, out, generator)
         numels = [x.numel() for x in xs]
         q, grid, start = out["q"], out["affine"].view(-1, 2), 0
-        for i, j in _runs(numels):  # runs of at most BLOCK elements: each is quantized while it is in cache
+        for i, j in _runs(numels):  # runs of at most 4 x BLOCK elements, each quantized at once
             xs32 = [x if x.dtype == torch.float32 else x.to(torch.float32) for x in xs[i:j]]
             n = sum(numels[i:j])
             if j - i == 1 and n > BLOCK:
@@ -353,7 +357,9 @@ class IntCodec(Codec):
                 work = torch.cat([x.reshape(-1) for x in xs32])
                 segs = segments(tuple(numels[i:j]))
                 ends = segs.minmax(work)
-            ends = ends.double()  # [lo, hi] per tensor; the grid is computed in float64, as affine_grid does
+            # [lo, hi] per tensor, in float64 as affine_grid computes the grid; a zero made +0.0 in both paths
+            # (aminmax and segment_reduce disagree on the sign of a zero between 0.0 and -0.0)
+            ends = ends.double() + 0.0
             lo, hi = ends[:, 0], ends[:, 1]
             if not (bool(torch.isfinite(ends).all()) and bool((hi - lo <= _FLOAT32_MAX).all())):
                 return super().encode_group(xs, out, generator)  # names the tensor and what is wrong with it
@@ -381,7 +387,8 @@ class IntCodec(Codec):
         for i, j in _runs(numels):  # one buffer per run (see _runs)
             n = sum(numels[i:j])
             if j - i == 1 and n > BLOCK:
-                views = [dequantize_affine(q[start : start + n], offsets[i], scales[i], out=torch.empty(n))]
+                views = [dequantize_affine(q[start : start + n], offsets[i], scales[i],
+                                           out=torch.empty(n, dtype=torch.float32))]
             else:
                 work = q[start : start + n].to(torch.float32)
                 segs = segments(tuple(numels[i:j]))
@@ -497,7 +504,7 @@ def _finite_range(codec: str, x: torch.Tensor, original: torch.Tensor | None = N
     """``(min, max)`` of ``x`` (``(0, 0)`` if empty); CodecError if not finite."""
     if x.numel() == 0:
         return 0.0, 0.0
-    lo, hi = (v.item() for v in torch.aminmax(x))  # NaN propagates into min and max
+    lo, hi = (v.item() + 0.0 for v in torch.aminmax(x))  # NaN propagates; + 0.0 makes a zero +0.0 (see below)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise _nonfinite_error(codec, x if original is None else original)
     return lo, hi

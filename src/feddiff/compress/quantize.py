@@ -102,10 +102,16 @@ def dequantize_affine(q: torch.Tensor, offset: float, scale: float, out: torch.T
     return out.view(q.shape)
 
 
-@lru_cache(maxsize=32)
-def segments(numels: tuple[int, ...]) -> Segments:
-    """The :class:`Segments` of a layout (cached: a run sends the same state dict's layout every message)."""
+@lru_cache(maxsize=8)
+def _cached_segments(numels: tuple[int, ...]) -> Segments:
     return Segments(list(numels))
+
+
+def segments(numels: tuple[int, ...]) -> Segments:
+    """The :class:`Segments` of a layout: cached when it has at most 1,024 tensors (a run sends the same
+    state dict's layout every message; a frame from a peer cannot make the cache hold much: at most 8
+    layouts of at most 1,024 x TINY indexed elements each)."""
+    return _cached_segments(numels) if len(numels) <= 1024 else Segments(list(numels))
 
 
 class Segments:

@@ -15,9 +15,9 @@ Nothing is unpickled, and the bytes are deterministic for equal inputs. The ledg
 of the frame: header and padding included.
 
 Encoding writes each group straight into the frame (one copy of the identity's bytes, the levels of
-int8 written where they travel); decoding copies a group out of the frame once and hands out views of
-that copy. The frame's memory is a ``bytes`` object filled in place before anyone sees it
-(``io.BytesIO`` over a fresh buffer returns it without a copy).
+int8 written where they travel); decoding copies a group out of the frame in runs of about 1 MiB and
+hands out views of those copies. The frame's memory is a ``bytes`` object filled in place before anyone
+sees it (``io.BytesIO`` over a fresh buffer returns it without a copy).
 
 The checksum is CRC-32C (Castagnoli; hardware-accelerated, 3-4x faster than zlib's CRC-32 here, with
 the same 32-bit detection guarantees). Earlier versions (3: a storage table with per-part offsets; 2:
@@ -52,11 +52,20 @@ _MAX_HEADER = 64 << 20  # a decompressed header larger than this is refused (zip
 _PIECE = 8 << 20  # frames of two pieces or more have their checksum computed piece by piece as they are written
 _HUGE = 8 << 20  # frames from this size on are asked to be backed by huge pages (_advise_huge)
 _HUGE_PAGE = 2 << 20
+_MAX_DIMS, _MAX_DIM = 64, 1 << 48  # a shape's dimensions, each dimension (torch's limits are near these)
 _CRC_BESIDE = 1 << 20  # from this size on, a frame's checksum is computed on a worker thread while it is decoded
 _TRAVEL = frozenset((
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
     torch.int16, torch.int8, torch.uint8, torch.bool,
 ))  # fmt: skip
+
+
+# decode reads frames through torch.frombuffer, which warns (once per process) that a bytes object is not
+# writable: codecs only read it. The warning is spent here, at import, where no other thread can be
+# (warnings.catch_warnings around every decode would not be thread-safe).
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    torch.frombuffer(b"\0", dtype=torch.uint8)
 
 
 class MessageError(ValueError):
@@ -167,14 +176,19 @@ def _read_header(view: memoryview) -> tuple[dict[str, Any], int]:
     try:
         inflater = zlib.decompressobj()
         text = inflater.decompress(bytes(view[_PREFIX : _PREFIX + n]), _MAX_HEADER)
-        if inflater.unconsumed_tail or not inflater.eof:
-            raise MessageError(f"message header is not a complete compressed header under {_MAX_HEADER} bytes")
+        if inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:
+            raise MessageError(f"message header is not exactly one compressed header under {_MAX_HEADER} bytes")
         header = json.loads(text)
-    except (ValueError, UnicodeDecodeError, zlib.error) as err:
-        raise MessageError(f"malformed message header: {err}") from None
+    except MessageError:
+        raise
+    except (ValueError, UnicodeDecodeError, zlib.error, RecursionError) as err:
+        raise MessageError(f"malformed message header: {type(err).__name__}: {str(err)[:200]}") from None
     if not isinstance(header, dict):
         raise MessageError("malformed message header: not a JSON object")
-    return header, min(_aligned(_PREFIX + n), len(view))
+    data_start = min(_aligned(_PREFIX + n), len(view))
+    if any(view[_PREFIX + n : data_start]):
+        raise MessageError("nonzero padding after the message header")
+    return header, data_start
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,10 +206,10 @@ class _Group:
 
     def blame(self, err: CodecError) -> str:
         """The error's text after the tensor it concerns (a group-wide one: the group's tensors)."""
-        if isinstance(err, TensorError):
+        if isinstance(err, TensorError) and 0 <= err.index < len(self.names):
             return f"tensor {self.names[err.index]!r}: {err}"
         who = f"tensor {self.names[0]!r}" if len(self.names) == 1 else \
-            f"tensors {self.names[0]!r} .. {self.names[-1]!r} ({len(self.names)})"
+            f"tensors {self.names[0]!r} .. {self.names[-1]!r} ({len(self.names)})" if self.names else "a group"
         return f"{who}: {err}"
 
     def place(self, offset: int) -> int:
@@ -247,6 +261,9 @@ def _groups_from(header: dict[str, Any]) -> tuple[list[_Group], int]:
             raise MessageError(f"malformed group {str(entry)[:80]}: expected [codec, dtype, names, shapes] "
                                "with as many names as shapes")
         name, dtype_name, names, shapes = entry
+        if type(name) is not str or type(dtype_name) is not str or not names:
+            raise MessageError(f"malformed group {str(entry)[:80]}: the codec and dtype are names, and a group "
+                               "holds at least one tensor")
         if name not in codecs:
             if name != codec_name:
                 raise MessageError(f"group codec {name!r} is neither identity nor the message's {codec_name!r}")
@@ -256,16 +273,20 @@ def _groups_from(header: dict[str, Any]) -> tuple[list[_Group], int]:
                 raise MessageError(f"message codec: {err}") from None
         if dtype_name not in _DTYPES:
             raise MessageError(f"group dtype {dtype_name!r} is not one of {sorted(_DTYPES)}")
-        if not all(type(n) is str for n in names) or not seen.isdisjoint(names) or len(set(names)) < len(names):
-            bad = next(n for i, n in enumerate(names) if type(n) is not str or n in seen or n in names[:i])
-            raise MessageError(f"tensor name {bad!r} is not a string" if type(bad) is not str
-                               else f"tensor {bad!r} appears twice in the message")
+        if not all(type(n) is str for n in names):
+            raise MessageError(f"tensor name {next(n for n in names if type(n) is not str)!r:.80} is not a string")
+        if not seen.isdisjoint(names) or len(set(names)) < len(names):
+            for n in names:  # (one pass: the first name seen before)
+                if n in seen:
+                    raise MessageError(f"tensor {n!r:.200} appears twice in the message")
+                seen.add(n)
         seen.update(names)
-        if not (all(type(s) is list for s in shapes)
-                and all(type(d) is int and d >= 0 for d in (d for s in shapes for d in s))):
-            bad = next(i for i, s in enumerate(shapes) if not (type(s) is list
-                                                           and all(type(d) is int and d >= 0 for d in s)))
-            raise MessageError(f"tensor {names[bad]!r}: invalid shape {str(shapes[bad])[:80]}")
+        if not (all(type(s) is list and len(s) <= _MAX_DIMS for s in shapes)
+                and all(type(d) is int and 0 <= d <= _MAX_DIM for d in (d for s in shapes for d in s))):
+            bad = next(i for i, s in enumerate(shapes) if not (type(s) is list and len(s) <= _MAX_DIMS and
+                                                           all(type(d) is int and 0 <= d <= _MAX_DIM for d in s)))
+            raise MessageError(f"tensor {names[bad]!r:.200}: invalid shape {str(shapes[bad])[:80]} (at most "
+                               f"{_MAX_DIMS} dimensions of 0..{_MAX_DIM})")
         numels = [math.prod(s) for s in shapes]
         group = _Group(codecs[name], _DTYPES[dtype_name], names, shapes, numels)
         offset = group.place(offset)
@@ -308,14 +329,15 @@ def _fill(buffer: memoryview, head: bytes, data_start: int, groups: list[tuple[_
     buffer[3] = VERSION
     buffer[8:12] = len(head).to_bytes(4, "little")
     buffer[_PREFIX : _PREFIX + len(head)] = head
-    crc = Pipeline("crc32c")
     pipelined = len(buffer) >= _PIECE * 2
+    crc = Pipeline("crc32c") if pipelined else None
     done = 8  # the checksum covers buffer[8:], handed to `crc` in order as it is written
     try:
         data = torch.frombuffer(buffer, dtype=torch.uint8, offset=data_start) if len(buffer) > data_start else None
         for group, xs in groups:
             ((suffix, (dtype, offset, nbytes)),) = group.parts.items() if len(group.parts) == 1 else ((None, (0, 0, 0)),)
-            if pipelined and suffix is not None and nbytes >= _PIECE * 2:
+            # (one part whose elements are the tensors' own, one each: the identity's, fp16's, bf16's)
+            if pipelined and suffix is not None and nbytes >= _PIECE * 2 and sum(group.numels) * dtype.itemsize == nbytes:
                 start = offset
                 for i, j in _pieces(group.numels, _PIECE // dtype.itemsize):
                     end = start + sum(group.numels[i:j]) * dtype.itemsize
@@ -325,10 +347,14 @@ def _fill(buffer: memoryview, head: bytes, data_start: int, groups: list[tuple[_
             else:
                 _encode(group, xs, {s: data[o : o + n].view(dt) if n else torch.empty(0, dtype=dt)
                                     for s, (dt, o, n) in group.parts.items()}, generator)
-        crc.add(buffer[done:])
-        buffer[4:8] = crc.result().to_bytes(4, "little")
+        if crc is None:  # written in one go: checked in one go (on threads if large: crc.py)
+            buffer[4:8] = crc32c_async([buffer[8:]]).result().to_bytes(4, "little")
+        else:
+            crc.add(buffer[done:])
+            buffer[4:8] = crc.result().to_bytes(4, "little")
     except BaseException:
-        crc.cancel()  # the workers read the buffer: wait for them before it goes
+        if crc is not None:
+            crc.cancel()  # the workers read the buffer: wait for them before it goes
         raise
     finally:
         data = None
@@ -421,10 +447,8 @@ def _decode(view: memoryview) -> Message:
             end = offset + nbytes
     if any(view[data_start + end :]):
         raise MessageError(f"nonzero padding after byte {end} of the data section")
-    if size:
-        with warnings.catch_warnings():  # the frame is read-only: codecs only read it, and copy what they return
-            warnings.simplefilter("ignore", UserWarning)
-            data = torch.frombuffer(view, dtype=torch.uint8, offset=data_start)
+    if size:  # the frame is read-only (torch warns, filtered above): codecs only read it, and copy what they return
+        data = torch.frombuffer(view, dtype=torch.uint8, offset=data_start)
     for group in groups:
         raw = {s: data[o : o + n] for s, (_, o, n) in group.parts.items()} if size else \
             {s: torch.empty(0, dtype=torch.uint8) for s in group.parts}
@@ -434,7 +458,8 @@ def _decode(view: memoryview) -> Message:
             raise MessageError(group.blame(err)) from None
         except (RuntimeError, ValueError, TypeError) as err:  # a codec's bug must not pass for a valid message
             raise MessageError(f"{group.blame(CodecError(str(err)))} (while decoding)") from None
-        if len(xs) != len(group.names):  # (each codec's decode checks the shape and dtype of what it returns)
-            raise MessageError(f"group of {group.names[0]!r}: decoded {len(xs)} tensors, not {len(group.names)}")
+        if len(xs) != len(group.names) or any(x.dtype != group.dtype for x in xs) or \
+                [list(x.shape) for x in xs] != group.shapes:  # a codec's bug must not pass for a valid message
+            raise MessageError(f"{group.blame(CodecError('decoded tensors do not match the header'))}")
         tensors.update(zip(group.names, xs))
     return Message(tensors, header["meta"])

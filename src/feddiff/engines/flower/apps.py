@@ -142,8 +142,9 @@ def handle_message(app_file: str | Path, node_config: dict[str, Any], blob: byte
 
         try:
             return worker.call(str(path), str(app_file), node_config, blob, record)
-        except worker.WorkerUnavailable as err:
-            print(f"feddiff: {err}; this ClientApp handles the message itself", file=sys.stderr, flush=True)
+        except (worker.WorkerUnavailable, worker.WorkerError) as err:
+            print(f"feddiff: the node's worker: {err}; this ClientApp handles the message itself", file=sys.stderr,
+                  flush=True)
     cfg, _ = read_app_file(app_file)
     return NodeSession(cfg, node_identity(node_config)).handle(blob, record)
 

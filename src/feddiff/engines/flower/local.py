@@ -234,7 +234,8 @@ class LocalDeployment:
         path = self.sockets / f"{k}.sock"
         slots = max(1, (os.cpu_count() or 1) // self.threads)  # the nodes share this machine's cores
         proc = self._start(f"worker-{k}", [sys.executable, "-m", "feddiff.engines.flower.worker", "--socket", str(path),
-                                           "--slots", str(slots)], threads=self.threads)
+                                           "--slots", str(slots), "--parent-pid", str(os.getpid())],
+                           threads=self.threads)
         end = time.monotonic() + 60
         while not path.exists():  # it listens before its heavy imports: this takes a python start-up
             if proc.poll() is not None or time.monotonic() > end:
@@ -251,6 +252,10 @@ class LocalDeployment:
     def start_node(self, k: int | str, conf: str, key: Path | None = None) -> subprocess.Popen:
         """Start SuperNode ``k`` with ``--node-config conf`` (with auth: a registered key, or ``key``), and its
         warm worker unless the deployment has none."""
+        if self.workers and len(str(Path(tempfile.gettempdir()) / "feddiff-workers-xxxxxxxx" / f"{k}.sock")) > 100:
+            print(f"note: no warm workers: socket paths under {tempfile.gettempdir()} would be too long for Unix "
+                  "sockets (set TMPDIR to a shorter folder)", flush=True)
+            self.workers = False
         if self.workers:
             conf += f' {WORKER}="{self.start_worker(k)}"'
         argv = [executable("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),

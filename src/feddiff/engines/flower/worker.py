@@ -10,9 +10,12 @@ the worker's answer.
 
 What a run depends on stays where it was: the client's record lives in Flower's ``Context.state`` and
 travels to the worker and back with every message, and the worker answers exactly as the ClientApp
-would (the same :class:`~feddiff.engines.flower.node.NodeSession`). It keeps only caches, so a worker
-that restarts, or is not there (the ClientApp then handles the message itself, and says so in the
-node's log), changes no result.
+would (the same :class:`~feddiff.engines.flower.node.NodeSession`, under the ClientApp's working folder,
+partition cache and the run's torch threads, and only for the same feddiff and torch versions). It keeps
+only caches, so no result depends on it: when the worker is not there, belongs to another user, is busy
+past ``ACCEPT_S``, goes away midway or fails, the ClientApp handles the message itself (and says so in
+the node's log); a failure is then reported as the ClientApp's own. A worker that hangs while training
+holds its ClientApp until the round's deadline, as a hanging ClientApp would.
 
 The socket is the node owner's: created in a private directory (mode 0700) with mode 0600, so only
 that user's processes reach it. On it, each direction carries a JSON header and then two payloads (the
@@ -24,11 +27,13 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import importlib
 import json
 import os
 import socket
 import stat
+import struct
 import sys
 import threading
 import time
@@ -40,16 +45,20 @@ from pathlib import Path
 from typing import Any
 
 MAX_HEADER = 1 << 20  # a request's or answer's JSON header
-MAX_PAYLOAD = 16 << 30  # a message or record: far above any model here, below a length that means garbage
+MAX_PAYLOAD = 8 << 30  # a message or record: far above any model here, below a length that means garbage
 SESSIONS = 4  # clients (runs x partitions) a worker keeps warm at once
+ACCEPT_S = 10.0  # a worker that has not taken a message within this (busy with another) leaves it to the ClientApp
+REQUEST_S = 60.0  # a request or answer that does not arrive within this is dropped
+CHUNK = 8 << 20  # payloads are read in pieces: memory grows with what arrives, not with a claimed length
 
 
 class WorkerUnavailable(ConnectionError):
-    """No worker answers on the socket (not started, stopped, or another program): handle the message here."""
+    """No worker took the message to the end (none there, busy, another user's, gone midway): handle it here."""
 
 
 class WorkerError(RuntimeError):
-    """The worker handled the message and failed; the text is its error, with its type."""
+    """The worker handled the message and failed; the text is its error, with its type. The ClientApp
+    handles the message itself then, so that the error it reports is the one it would have had anyway."""
 
 
 def _send(sock: socket.socket, header: dict[str, Any], payloads: list[bytes]) -> None:
@@ -61,14 +70,35 @@ def _send(sock: socket.socket, header: dict[str, Any], payloads: list[bytes]) ->
 
 
 def _exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
+    pieces, got = [], 0
     while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if not k:
+        piece = sock.recv(min(CHUNK, n - got))
+        if not piece:
             raise ConnectionError(f"the other end closed the socket after {got} of {n} bytes")
-        got += k
-    return bytes(buf)
+        pieces.append(piece)
+        got += len(piece)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+def _peer_uid(sock: socket.socket) -> int | None:
+    """The user id of the process at the other end of a Unix socket (None where the system cannot say)."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None
+    _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return uid
+
+
+def _versions() -> dict[str, str]:
+    """feddiff's and torch's versions, read without importing torch (the ClientApp does not)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("feddiff", "torch"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = ""
+    return out
 
 
 def _receive(sock: socket.socket, payloads: int) -> tuple[dict[str, Any], list[bytes]]:
@@ -95,8 +125,10 @@ def call(path: str, app_file: str, node_config: dict[str, Any], blob: bytes, rec
          ) -> tuple[bytes, bytes]:
     """(reply, the record's new bytes) of one feddiff message, from the worker on ``path``.
 
-    Raises :class:`WorkerUnavailable` if no worker takes the message (nothing was handled), and
-    :class:`WorkerError` (or ``ConfigError`` for a config the worker refuses) if it failed handling it.
+    Raises :class:`WorkerUnavailable` if no worker took the message to the end: none listens, the one that
+    does belongs to another user, it has not taken the message within ``ACCEPT_S`` (busy), or it went
+    away midway; and :class:`WorkerError` if it handled the message and failed. Either way the caller
+    can handle the message itself: the worker keeps nothing the record depends on.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -104,20 +136,28 @@ def call(path: str, app_file: str, node_config: dict[str, Any], blob: bytes, rec
             sock.connect(path)
         except OSError as err:
             raise WorkerUnavailable(f"no worker on {path}: {err}") from None
+        uid = _peer_uid(sock)
+        if uid is not None and uid != os.geteuid():
+            raise WorkerUnavailable(f"the process on {path} runs as user {uid}, not as this node's user {os.geteuid()}")
         config = {k: v for k, v in node_config.items() if isinstance(v, (str, int, float, bool))}
-        _send(sock, {"app_file": str(app_file), "node_config": config, "has_record": record is not None},
-              [bytes(blob), bytes(record or b"")])
-        header, payloads = _receive(sock, 2)
+        request = {"app_file": os.path.abspath(app_file), "node_config": config, "has_record": record is not None,
+                   "versions": _versions(), "cwd": os.getcwd(), "cache": os.environ.get("FEDDIFF_CACHE")}
+        try:
+            sock.settimeout(REQUEST_S)
+            _send(sock, request, [bytes(blob), bytes(record or b"")])
+            sock.settimeout(ACCEPT_S)
+            taken, _ = _receive(sock, 0)
+            if taken.get("taken") is not True:
+                raise WorkerUnavailable(f"the worker on {path} did not take the message: {taken}")
+            sock.settimeout(None)  # the training: as long as it takes (a round's deadline is the server's)
+            header, payloads = _receive(sock, 2)
+        except (TimeoutError, ConnectionError, OSError, ValueError) as err:
+            raise WorkerUnavailable(f"the worker on {path} did not answer: {type(err).__name__}: {err}") from None
     finally:
         sock.close()
     if header.get("ok") is True:
         return payloads[0], payloads[1]
-    kind, text = str(header.get("type", "Error")), str(header.get("error", "(no message)"))
-    if kind == "ConfigError":
-        from feddiff.config import ConfigError
-
-        raise ConfigError(text)
-    raise WorkerError(f"the node's worker failed: {kind}: {text}")
+    raise WorkerError(f"{header.get('type', 'Error')}: {header.get('error', '(no message)')}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,11 +195,13 @@ class Slots:
 class Worker:
     """Answers feddiff messages on a Unix socket, one at a time, with a few clients kept warm."""
 
-    def __init__(self, path: str | Path, slots: int | None = None):
+    def __init__(self, path: str | Path, slots: int | None = None, parent_pid: int | None = None):
         self.path = Path(path)
         self.sessions: OrderedDict[tuple, Any] = OrderedDict()
         self.sock = _listen(self.path)
         self.slots = Slots(self.path.parent, slots) if slots else None
+        self.parent_pid = parent_pid
+        self.threads: int | None = None  # torch's thread count when serving starts
 
     def session(self, app_file: str, node_config: dict[str, Any]):
         from feddiff.engines.flower.apps import read_app_file
@@ -176,22 +218,63 @@ class Worker:
         self.sessions.move_to_end(key)
         return self.sessions[key]
 
-    def answer(self, conn: socket.socket) -> None:
+    def answer(self, conn: socket.socket) -> bool:
+        """Take one message from ``conn`` and answer it; True if it was handled without error."""
+        uid = _peer_uid(conn)
+        if uid is not None and uid != os.geteuid():
+            raise ConnectionError(f"a process of user {uid} connected; this worker serves user {os.geteuid()}")
+        conn.settimeout(REQUEST_S)
         header, (blob, record) = _receive(conn, 2)
+        _send(conn, {"taken": True}, [])
         try:
+            mine = self.versions()
+            if header.get("versions") != mine:
+                raise RuntimeError(f"the ClientApp runs {header.get('versions')}, this worker {mine}; restart it")
+            self.settle(header)
             session = self.session(str(header["app_file"]), dict(header["node_config"]))
+            self.settle(header, session)
             with self.slots.held() if self.slots else nullcontext():
                 reply, new_record = session.handle(blob, record if header.get("has_record") else None)
-        except Exception as err:  # noqa: BLE001 - the ClientApp raises it again, with its type and text
+        except Exception as err:  # noqa: BLE001 - the ClientApp handles the message itself then
             print(f"feddiff worker: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
             traceback.print_exc()
             _send(conn, {"ok": False, "type": type(err).__name__, "error": str(err)}, [b"", b""])
-            return
+            return False
         _send(conn, {"ok": True}, [reply, new_record])
+        return True
+
+    @functools.cache  # noqa: B019 - one worker per process
+    def versions(self) -> dict[str, str]:
+        """What this process runs: feddiff's installed version when it started, and the torch it imported."""
+        import torch
+
+        return {**_versions(), "torch": torch.__version__}
+
+    def settle(self, header: dict[str, Any], session: Any = None) -> None:
+        """The process-wide settings a ClientApp of this message would have: its working folder and
+        partition cache (relative data paths, cached partitions), then the session's torch threads."""
+        cwd, cache = header.get("cwd"), header.get("cache")
+        if isinstance(cwd, str) and os.path.isdir(cwd):
+            os.chdir(cwd)
+        if isinstance(cache, str):
+            os.environ["FEDDIFF_CACHE"] = cache
+        else:
+            os.environ.pop("FEDDIFF_CACHE", None)
+        if session is not None:
+            import torch
+
+            from feddiff.engines.experiment import pick_device
+
+            torch.set_num_threads(session.cfg.run.num_threads or self.threads or torch.get_num_threads())
+            pick_device(session.cfg.run.device, session.cfg.run.deterministic)
 
     def serve(self, idle_exit_s: float | None = None, stop: threading.Event | None = None) -> None:
-        """Answer connections until killed (SIGTERM), ``stop`` is set, or ``idle_exit_s`` pass without one."""
-        self.sock.settimeout(0.1 if stop is not None else idle_exit_s)
+        """Answer connections until killed (SIGTERM), ``stop`` is set, ``idle_exit_s`` pass without one, or
+        the process that started this one (``parent_pid``) is gone."""
+        import torch
+
+        self.threads = self.threads or torch.get_num_threads()  # what a run that sets none gets, as a ClientApp would
+        self.sock.settimeout(0.1 if stop is not None else 1.0)
         last = time.monotonic()
         try:
             while stop is None or not stop.is_set():
@@ -200,16 +283,21 @@ class Worker:
                 except TimeoutError:
                     if idle_exit_s is not None and time.monotonic() - last >= idle_exit_s:
                         return
+                    if self.parent_pid is not None and not _alive(self.parent_pid):
+                        print(f"feddiff worker: process {self.parent_pid} is gone; stopping", flush=True)
+                        return
                     continue
                 last = time.monotonic()
                 with conn:
-                    conn.settimeout(None)
                     start = time.perf_counter()
                     try:
-                        self.answer(conn)
-                    except (ConnectionError, OSError, ValueError) as err:  # a ClientApp that went away, or junk
-                        print(f"feddiff worker: dropped a connection: {err}", file=sys.stderr, flush=True)
-                    print(f"feddiff worker: answered in {time.perf_counter() - start:.2f} s", flush=True)
+                        ok = self.answer(conn)
+                    except (ConnectionError, OSError, ValueError, MemoryError) as err:  # gone, or junk
+                        print(f"feddiff worker: dropped a connection: {type(err).__name__}: {err}", file=sys.stderr,
+                              flush=True)
+                        continue
+                    print(f"feddiff worker: {'answered' if ok else 'failed'} in {time.perf_counter() - start:.2f} s",
+                          flush=True)
         finally:
             self.close()
 
@@ -221,15 +309,30 @@ class Worker:
             pass
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process now holds the number: ours is gone
+        return False
+    return True
+
+
 def _listen(path: Path) -> socket.socket:
-    """A listening socket at ``path`` that only this user can reach; refuses a path another worker serves."""
+    """A listening socket at ``path`` that only this user can reach; refuses a path another worker serves,
+    and anything at the path that is not a socket."""
     parent = path.parent
     parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    mode = stat.S_IMODE(parent.stat().st_mode)
-    if mode & 0o077:
-        raise PermissionError(f"{parent} is open to other users (mode {mode:o}); a worker's socket needs a "
-                              "directory only its user can enter (chmod 700)")
-    if path.exists() or path.is_symlink():
+    st = parent.lstat()
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or mode & 0o077:
+        raise PermissionError(f"{parent} must be a directory of this user that no one else can enter (mode 700); "
+                              f"it is {'not a directory' if not stat.S_ISDIR(st.st_mode) else f'mode {mode:o}'}"
+                              f"{', owned by another user' if st.st_uid != os.geteuid() else ''}")
+    if path.is_symlink() or path.exists():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise FileExistsError(f"{path} exists and is not a socket; give the worker another path")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(str(path))
@@ -240,11 +343,8 @@ def _listen(path: Path) -> socket.socket:
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        sock.bind(str(path))
-    finally:
-        os.umask(old)
+    sock.bind(str(path))
+    os.chmod(path, 0o600)  # (the directory already keeps other users out)
     sock.listen(8)
     return sock
 
@@ -257,8 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slots", type=int, default=None, metavar="N",
                         help="nodes sharing one machine: at most N of the workers whose sockets share this one's "
                              "directory handle a message at once (e.g. cores / torch threads per node)")
+    parser.add_argument("--parent-pid", type=int, default=None, metavar="PID", help="exit when this process is gone")
     args = parser.parse_args(argv)
-    worker = Worker(args.socket, args.slots)  # listening before the heavy imports: a ClientApp early in the queue just waits
+    worker = Worker(args.socket, args.slots, args.parent_pid)  # listening before the heavy imports: a ClientApp early in the queue just waits
     print(f"feddiff worker: listening on {args.socket}", flush=True)
     for module in ("feddiff.client.node", "feddiff.client.runtime", "feddiff.engines.experiment"):
         importlib.import_module(module)  # then torch, diffusers and the client's code, once
