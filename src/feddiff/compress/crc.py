@@ -196,19 +196,23 @@ class Pipeline:
         self._kind, self._futures = kind, []
 
     def add(self, buffer: Any) -> None:
+        """Start checking ``buffer``, in chunks on the worker threads if it is large."""
         view = memoryview(buffer)
         if not view.nbytes:
             return
         view = view.cast("B")
-        if threads() > 1:
-            try:
-                self._futures.append(_executor().submit(_crc_run, [view], self._kind))
-                return
-            except RuntimeError:  # no new threads at interpreter shutdown: check it here
-                pass
-        done: Future = Future()
-        done.set_result(_crc_run([view], self._kind))
-        self._futures.append(done)
+        size = CHUNK * KINDS[self._kind][1]
+        for start in range(0, len(view), size):
+            piece = view[start : start + size]
+            if threads() > 1:
+                try:
+                    self._futures.append(_executor().submit(_crc_run, [piece], self._kind))
+                    continue
+                except RuntimeError:  # no new threads at interpreter shutdown: check it here
+                    pass
+            done: Future = Future()
+            done.set_result(_crc_run([piece], self._kind))
+            self._futures.append(done)
 
     def result(self) -> int:
         """The CRC of the concatenation of everything added (waits for the workers)."""
