@@ -325,6 +325,11 @@ def test_sigkill_at_random_moments_and_mid_checkpoint_resumes_to_the_same_state(
             shutil.rmtree(out)
         cmd = [sys.executable, "-m", "feddiff.cli", "run", "--resume", str(runs[0])] if resumable else fresh
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not resumable:  # a fresh run is killed only once it has a checkpoint: every kill leaves one to resume
+            start = time.time()
+            while proc.poll() is None and time.time() < start + 120 and not any(
+                    RunDir(p).checkpoints() for p in (out.iterdir() if out.exists() else []) if p.is_dir()):
+                time.sleep(0.01)
         deadline = time.time() + (120 if attempt % 2 == 0 else rng.uniform(1.0, 4.0))
         while time.time() < deadline and proc.poll() is None:
             if attempt % 2 == 0 and list(out.glob("*/checkpoints/.round-*.tmp-*")):
