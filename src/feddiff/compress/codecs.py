@@ -320,7 +320,7 @@ class IntCodec(Codec):
     def layout(self, shape: list[int], dtype: torch.dtype) -> dict[str, tuple[torch.dtype, list[int]]]:
         shape = _check_header(self.name, {}, shape, dtype)
         n = math.prod(shape)
-        q = (torch.uint8, [(n + 1) // 2]) if self.bits == 4 else (torch.int8 if self.scheme == "channel" else torch.uint8, shape)
+        q = (self.level_dtype, [(n + 1) // 2] if self.bits == 4 else shape)
         if self.scheme == "affine":
             return {"q": q, "affine": (torch.float32, [2])}
         return {"q": q, "absmax": (torch.float32, [_num_rows(shape)])}
@@ -335,10 +335,14 @@ class IntCodec(Codec):
                      dtype: torch.dtype) -> dict[str, tuple[torch.dtype, list[int]]]:
         _check_header(self.name, {}, [], dtype)
         q = [(n + 1) // 2 for n in numels] if self.bits == 4 else list(numels)
-        q_dtype = torch.int8 if self.bits == 8 and self.scheme == "channel" else torch.uint8
         if self.scheme == "affine":
-            return {"q": (q_dtype, q), "affine": (torch.float32, [2] * len(numels))}
-        return {"q": (q_dtype, q), "absmax": (torch.float32, [_num_rows(s) for s in shapes])}
+            return {"q": (self.level_dtype, q), "affine": (torch.float32, [2] * len(numels))}
+        return {"q": (self.level_dtype, q), "absmax": (torch.float32, [_num_rows(s) for s in shapes])}
+
+    @property
+    def level_dtype(self) -> torch.dtype:
+        """The dtype of the stored levels: int8 for int8 channel grids, else uint8 (affine levels, nibbles)."""
+        return torch.int8 if self.bits == 8 and self.scheme == "channel" else torch.uint8
 
     def encode_group(self, xs: list[torch.Tensor], out: Storage, generator: torch.Generator | None = None) -> None:
         """int8 affine: the same levels and grids as :meth:`encode`, computed over runs of tensors of at
@@ -348,7 +352,7 @@ class IntCodec(Codec):
             return super().encode_group(xs, out, generator)
         numels = [x.numel() for x in xs]
         q, grid, start = out["q"], out["affine"].view(-1, 2), 0
-        for i, j in _runs(numels):  # runs of at most 4 x BLOCK elements, each quantized at once
+        for i, j in consecutive_runs(numels):  # runs of at most 4 x BLOCK elements, each quantized at once
             xs32 = [x if x.dtype == torch.float32 else x.to(torch.float32) for x in xs[i:j]]
             n = sum(numels[i:j])
             if j - i == 1 and n > BLOCK:
@@ -384,7 +388,7 @@ class IntCodec(Codec):
             return super().decode_group(raw, shapes, numels, dtype)  # names the tensor
         offsets, scales = grid[:, 0].tolist(), grid[:, 1].tolist()
         q, out, start = raw["q"], [], 0
-        for i, j in _runs(numels):  # one buffer per run (see _runs)
+        for i, j in consecutive_runs(numels):  # one buffer per run (see consecutive_runs)
             n = sum(numels[i:j])
             if j - i == 1 and n > BLOCK:
                 views = [dequantize_affine(q[start : start + n], offsets[i], scales[i],
@@ -527,20 +531,20 @@ def _num_rows(shape: list[int] | torch.Size) -> int:
     return shape[0] if len(shape) >= 2 else 1
 
 
-def _runs(numels: list[int], limit: int = 4 * BLOCK) -> list[tuple[int, int]]:
-    """``(i, j)`` spans of a group: each tensor over ``limit`` elements alone, the others in runs of at
-    most ``limit`` elements. Buffers of a run's size come from the allocator's reused memory, as a
-    clone of each tensor would, where one buffer for a whole state dict would be fresh pages (page
-    faults: measured to cost as much as the copy itself)."""
+def consecutive_runs(numels: list[int], limit: int = 4 * BLOCK) -> list[tuple[int, int]]:
+    """``(i, j)`` spans of consecutive tensors of at most ``limit`` elements together (a larger tensor:
+    alone). Buffers of a run's size come from the allocator's reused memory, as a clone of each tensor
+    would, where one buffer for a whole state dict would be fresh pages (page faults: measured to cost as
+    much as the copy itself); the wire also checksums a frame run by run as it writes it."""
     runs: list[tuple[int, int]] = []
     total = 0
     for k, n in enumerate(numels):
-        if n > limit or not runs or total + n > limit:
-            runs.append((k, k + 1))
-            total = n
-        else:
+        if runs and total + n <= limit:
             runs[-1] = (runs[-1][0], k + 1)
             total += n
+        else:
+            runs.append((k, k + 1))
+            total = n
     return runs
 
 
@@ -549,7 +553,7 @@ def _copy_out(raw: torch.Tensor, stored: torch.dtype, shapes: list[list[int]], n
     """Tensors of ``shapes`` from ``raw`` (the frame's bytes of values stored as ``stored``), copied out of
     the frame run by run with ``convert`` (which must return new memory), as views of each run's copy."""
     out, start = [], 0
-    for i, j in _runs(numels, BLOCK * 4 // stored.itemsize):  # about 1 MiB of the frame per copy
+    for i, j in consecutive_runs(numels, BLOCK * 4 // stored.itemsize):  # about 1 MiB of the frame per copy
         n = sum(numels[i:j]) * stored.itemsize
         values = convert(raw[start : start + n].view(stored))
         out += [v.view(shape) for v, shape in zip(torch.split(values, numels[i:j]), shapes[i:j])]

@@ -173,9 +173,10 @@ def crc_async(buffers: list, kind: str = "crc32", background: int | None = None)
     _, chunk_scale, min_scale = KINDS[kind]
     views = [v.cast("B") for v in map(memoryview, buffers) if v.nbytes]  # (empty ones may not cast)
     total = sum(len(v) for v in views)
-    if threads() == 1 or total < min(PARALLEL_MIN * min_scale, total + 1 if background is None else background):
+    chunked = PARALLEL_MIN * min_scale  # from here on the buffers are cut into chunks, one task each
+    if threads() == 1 or total < (chunked if background is None else min(chunked, background)):
         return _Done(_crc_run(views, kind)[0])
-    size = CHUNK * chunk_scale if total >= PARALLEL_MIN * min_scale else total
+    size = CHUNK * chunk_scale if total >= chunked else total
     futures: list[Future] = []
     try:
         pool = _executor()

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from feddiff.compress.codecs import IDENTITY, Codec, CodecError, TensorError, make_codec
+from feddiff.compress.codecs import IDENTITY, Codec, CodecError, TensorError, consecutive_runs, make_codec
 from feddiff.compress.crc import Pipeline, crc32c_async
 from feddiff.types import StateDict
 
@@ -281,10 +281,9 @@ def _groups_from(header: dict[str, Any]) -> tuple[list[_Group], int]:
                     raise MessageError(f"tensor {n!r:.200} appears twice in the message")
                 seen.add(n)
         seen.update(names)
-        if not (all(type(s) is list and len(s) <= _MAX_DIMS for s in shapes)
+        if not (all(type(s) is list and len(s) <= _MAX_DIMS for s in shapes)  # (fast: one pass over all dims)
                 and all(type(d) is int and 0 <= d <= _MAX_DIM for d in (d for s in shapes for d in s))):
-            bad = next(i for i, s in enumerate(shapes) if not (type(s) is list and len(s) <= _MAX_DIMS and
-                                                           all(type(d) is int and 0 <= d <= _MAX_DIM for d in s)))
+            bad = next(i for i, s in enumerate(shapes) if not _valid_shape(s))
             raise MessageError(f"tensor {names[bad]!r:.200}: invalid shape {str(shapes[bad])[:80]} (at most "
                                f"{_MAX_DIMS} dimensions of 0..{_MAX_DIM})")
         numels = [math.prod(s) for s in shapes]
@@ -292,6 +291,11 @@ def _groups_from(header: dict[str, Any]) -> tuple[list[_Group], int]:
         offset = group.place(offset)
         out.append(group)
     return out, offset
+
+
+def _valid_shape(shape: Any) -> bool:
+    return type(shape) is list and len(shape) <= _MAX_DIMS and all(type(d) is int and 0 <= d <= _MAX_DIM
+                                                                   for d in shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,7 +343,7 @@ def _fill(buffer: memoryview, head: bytes, data_start: int, groups: list[tuple[_
             # (one part whose elements are the tensors' own, one each: the identity's, fp16's, bf16's)
             if pipelined and suffix is not None and nbytes >= _PIECE * 2 and sum(group.numels) * dtype.itemsize == nbytes:
                 start = offset
-                for i, j in _pieces(group.numels, _PIECE // dtype.itemsize):
+                for i, j in consecutive_runs(group.numels, _PIECE // dtype.itemsize):
                     end = start + sum(group.numels[i:j]) * dtype.itemsize
                     _encode(group, xs[i:j], {suffix: data[start:end].view(dtype)}, generator, offset=i)
                     crc.add(buffer[done : data_start + end])
@@ -369,18 +373,6 @@ def _encode(group: _Group, xs: list[torch.Tensor], out: dict[str, torch.Tensor],
         raise CodecError(group.blame(TensorError(err.index + offset, str(err)))) from None
     except CodecError as err:
         raise CodecError(group.blame(err)) from None
-
-
-def _pieces(numels: list[int], limit: int) -> list[tuple[int, int]]:
-    """``(i, j)`` runs of consecutive tensors of about ``limit`` elements (a larger tensor: alone)."""
-    runs, total = [], 0
-    for k, n in enumerate(numels):
-        if runs and total + n <= limit:
-            runs[-1], total = (runs[-1][0], k + 1), total + n
-        else:
-            runs.append((k, k + 1))
-            total = n
-    return runs
 
 
 def _advise_huge(buffer: memoryview) -> None:
@@ -447,7 +439,7 @@ def _decode(view: memoryview) -> Message:
             end = offset + nbytes
     if any(view[data_start + end :]):
         raise MessageError(f"nonzero padding after byte {end} of the data section")
-    if size:  # the frame is read-only (torch warns, filtered above): codecs only read it, and copy what they return
+    if size:  # the frame is read-only (torch's warning is spent at import): codecs only read it, and copy out
         data = torch.frombuffer(view, dtype=torch.uint8, offset=data_start)
     for group in groups:
         raw = {s: data[o : o + n] for s, (_, o, n) in group.parts.items()} if size else \
