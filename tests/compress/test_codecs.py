@@ -468,16 +468,29 @@ def test_group_encoding_equals_the_per_tensor_codec(name, settings):
 
 
 def test_segments_by_hand():
+    import numpy as np
+
     from feddiff.compress.quantize import Segments
 
-    flat = torch.tensor([3.0, -1.0, 2.0, 5.0, 4.0, 4.0, 4.0, 4.0, 4.0])  # tensors of 3, 0, 1, 5 elements
-    Segments.TINY, tiny = 2, Segments.TINY  # the 5-element tensor takes the one-kernel-per-tensor path
+    xs = [torch.tensor([254.0, -1.0, 1.5]), torch.zeros(0), torch.tensor([5.0]),
+          torch.tensor([4.0, 4.25, 4.75, 6.0, 131.5]), torch.tensor([0.0, -0.0])]
+    Segments.TINY, tiny = 3, Segments.TINY  # the 5-element tensor is read where it is, the others gathered
     try:
-        s = Segments([3, 0, 1, 5])
-        assert s.small == [2] and s.large == [0, 3]
-        assert s.minmax(flat).tolist() == [[-1.0, 3.0], [0.0, 0.0], [5.0, 5.0], [4.0, 4.0]]
-        s.apply_(flat, "sub", [1.0, 9.0, 2.0, 4.0])
-        s.apply_(flat, "div", [2.0, 9.0, 3.0, 0.5])
-        assert flat.tolist() == [1.0, -1.0, 0.5, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+        s = Segments([x.numel() for x in xs])
+        assert s.small == [0, 2, 4] and s.large == [(3, 4, 9)]
+        grid, levels = np.full((5, 2), 7, dtype=np.float32), np.zeros(11, dtype=np.uint8)
+        assert s.grid_and_levels(xs, 255, grid, levels)
+        # grids [min, (max - min) / 255]; an empty tensor [0, 0]; a constant one scale 0; a zero is +0.0
+        assert grid.tolist() == [[-1.0, 1.0], [0.0, 0.0], [5.0, 0.0], [4.0, 0.5], [0.0, 0.0]]
+        assert not np.signbit(grid[[1, 2, 4]]).any()
+        # (x+1)/1: 255, 0, 2.5 -> 2 (half to even); 5: level 0; (x-4)/0.5: 0, 0.5 -> 0, 1.5 -> 2, 4, 255; zeros
+        assert levels.tolist() == [255, 0, 2, 0, 0, 0, 2, 4, 255, 0, 0]
+        values = np.zeros(11, dtype=np.float32)
+        s.values(levels, grid[:, 0], grid[:, 1], values)
+        assert values.tolist() == [254.0, -1.0, 1.0, 5.0, 4.0, 4.0, 5.0, 6.0, 131.5, 0.0, 0.0]
+        for bad in (torch.tensor([1.0, float("nan"), 2.0, 3.0, 4.0]), torch.tensor([float("inf"), 0.0, 1.0])):
+            ys = [bad if x.numel() == bad.numel() else x for x in xs]
+            untouched = np.full(11, 9, dtype=np.uint8)
+            assert not s.grid_and_levels(ys, 255, grid, untouched) and (untouched == 9).all()
     finally:
         Segments.TINY = tiny

@@ -53,9 +53,11 @@ Decisions, the same for every lossy codec:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from feddiff.compress.quantize import (
@@ -157,6 +159,10 @@ class Codec:
                 n = t.numel()
                 out[suffix][offsets[suffix] : offsets[suffix] + n].copy_(t.reshape(-1))
                 offsets[suffix] += n
+        short = [s for s in out if offsets[s] != out[s].numel()]
+        if short:  # every byte of a frame is written by its codec (a frame is not zeroed first)
+            raise CodecError(f"{self.name}: part {short[0]!r} holds {offsets[short[0]]} elements; its layout "
+                             f"has {out[short[0]].numel()}")
 
     def decode_group(self, raw: Storage, shapes: list[list[int]], numels: list[int],
                      dtype: torch.dtype) -> list[torch.Tensor]:
@@ -194,7 +200,7 @@ class IdentityCodec(Codec):
         return {"": (dtype, list(numels))}
 
     def encode_group(self, xs: list[torch.Tensor], out: Storage, generator: torch.Generator | None = None) -> None:
-        torch.cat([x.reshape(-1) for x in xs], out=out[""])
+        torch.cat(flat_list(xs), out=out[""])
 
     def decode_group(self, raw: Storage, shapes: list[list[int]], numels: list[int],
                      dtype: torch.dtype) -> list[torch.Tensor]:
@@ -230,7 +236,7 @@ class HalfCodec(Codec):
     def encode_group(self, xs: list[torch.Tensor], out: Storage, generator: torch.Generator | None = None) -> None:
         # one cast of everything; anything not finite afterwards (NaN, Inf, or beyond the 16-bit
         # range) takes the per-tensor path, which saturates or names the tensor
-        torch.cat([x.reshape(-1) for x in xs], out=out[""])
+        torch.cat(flat_list(xs), out=out[""])
         if not bool(torch.isfinite(out[""]).all()):
             super().encode_group(xs, out, generator)
 
@@ -351,56 +357,40 @@ class IntCodec(Codec):
         if not self._batched():
             return super().encode_group(xs, out, generator)
         numels = [x.numel() for x in xs]
-        q, grid, start = out["q"], out["affine"].view(-1, 2), 0
+        q, grid, start = out["q"].numpy(), out["affine"].view(-1, 2).numpy(), 0
         for i, j in consecutive_runs(numels):  # runs of at most 4 x BLOCK elements, each quantized at once
             xs32 = [x if x.dtype == torch.float32 else x.to(torch.float32) for x in xs[i:j]]
             n = sum(numels[i:j])
-            if j - i == 1 and n > BLOCK:
-                work, segs, ends = None, None, torch.stack(torch.aminmax(xs32[0])).view(1, 2)
-            else:
-                work = torch.cat([x.reshape(-1) for x in xs32])
-                segs = segments(tuple(numels[i:j]))
-                ends = segs.minmax(work)
-            # [lo, hi] per tensor, in float64 as affine_grid computes the grid; a zero made +0.0 in both paths
-            # (aminmax and segment_reduce disagree on the sign of a zero between 0.0 and -0.0)
-            ends = ends.double() + 0.0
-            lo, hi = ends[:, 0], ends[:, 1]
-            if not (bool(torch.isfinite(ends).all()) and bool((hi - lo <= _FLOAT32_MAX).all())):
+            if j - i == 1 and n > BLOCK:  # alone in its run: block by block, with the per-tensor code
+                lo, hi = (float(e) + 0.0 for e in torch.aminmax(xs32[0]))  # (+0.0: the sign of a zero, as below)
+                if not (math.isfinite(lo) and math.isfinite(hi) and hi - lo <= _FLOAT32_MAX):
+                    return super().encode_group(xs, out, generator)  # names the tensor and what is wrong with it
+                grid[i] = affine_grid(lo, hi, self.max_level).numpy()
+                quantize_affine(xs32[0], float(grid[i, 0]), float(grid[i, 1]), self.max_level, None,
+                                out=out["q"][start : start + n])
+            elif not segments(tuple(numels[i:j])).grid_and_levels(xs32, self.max_level, grid[i:j], q[start : start + n]):
                 return super().encode_group(xs, out, generator)  # names the tensor and what is wrong with it
-            grid[i:j] = torch.stack([lo, (hi - lo) / self.max_level], dim=1)  # rounded to float32: what travels
-            offsets, scales = grid[i:j, 0].tolist(), grid[i:j, 1].tolist()
-            if work is None:
-                quantize_affine(xs32[0], offsets[0], scales[0], self.max_level, None, out=q[start : start + n])
-            else:
-                segs.apply_(work, "sub", offsets)
-                segs.apply_(work, "div", [s if s != 0.0 else 1.0 for s in scales])  # scale 0: x - lo is 0 anyway
-                store_levels(round_levels(work, 0, self.max_level, None), q[start : start + n])
             start += n
 
     def decode_group(self, raw: Storage, shapes: list[list[int]], numels: list[int],
                      dtype: torch.dtype) -> list[torch.Tensor]:
-        """int8 affine: the levels of a run converted to float32 at once, then ``* scale + offset`` per tensor."""
+        """int8 affine: the values of a run of tensors computed at once (:class:`.quantize.Segments`)."""
         if not self._batched():
             return super().decode_group(raw, shapes, numels, dtype)
         _check_header(self.name, {}, [], dtype)
-        grid = raw["affine"].clone().view(torch.float32).view(-1, 2)
-        if not (bool(torch.isfinite(grid).all()) and bool((grid[:, 1] >= 0).all())):
+        grid = raw["affine"].numpy().view(np.float32).reshape(-1, 2)
+        if not (np.isfinite(grid).all() and (grid[:, 1] >= 0).all()):
             return super().decode_group(raw, shapes, numels, dtype)  # names the tensor
-        offsets, scales = grid[:, 0].tolist(), grid[:, 1].tolist()
-        q, out, start = raw["q"], [], 0
+        q, out, start = raw["q"].numpy(), [], 0
         for i, j in consecutive_runs(numels):  # one buffer per run (see consecutive_runs)
             n = sum(numels[i:j])
+            values = torch.empty(n, dtype=torch.float32)
             if j - i == 1 and n > BLOCK:
-                views = [dequantize_affine(q[start : start + n], offsets[i], scales[i],
-                                           out=torch.empty(n, dtype=torch.float32))]
+                dequantize_affine(raw["q"][start : start + n], float(grid[i, 0]), float(grid[i, 1]), out=values)
             else:
-                work = q[start : start + n].to(torch.float32)
-                segs = segments(tuple(numels[i:j]))
-                segs.apply_(work, "mul", scales[i:j])
-                segs.apply_(work, "add", offsets[i:j])
-                views = torch.split(work, numels[i:j])
-            out += [v.view(shape) if dtype == torch.float32 else v.view(shape).to(dtype)
-                    for v, shape in zip(views, shapes[i:j])]
+                segments(tuple(numels[i:j])).values(q[start : start + n], grid[i:j, 0], grid[i:j, 1], values.numpy())
+            views = shaped(values.split_with_sizes(numels[i:j]), shapes[i:j])
+            out += views if dtype == torch.float32 else [v.to(dtype) for v in views]
             start += n
         return out
 
@@ -531,11 +521,17 @@ def _num_rows(shape: list[int] | torch.Size) -> int:
     return shape[0] if len(shape) >= 2 else 1
 
 
-def consecutive_runs(numels: list[int], limit: int = 4 * BLOCK) -> list[tuple[int, int]]:
+def consecutive_runs(numels: list[int] | tuple[int, ...], limit: int = 4 * BLOCK) -> tuple[tuple[int, int], ...]:
     """``(i, j)`` spans of consecutive tensors of at most ``limit`` elements together (a larger tensor:
     alone). Buffers of a run's size come from the allocator's reused memory, as a clone of each tensor
     would, where one buffer for a whole state dict would be fresh pages (page faults: measured to cost as
-    much as the copy itself); the wire also checksums a frame run by run as it writes it."""
+    much as the copy itself); the wire also checksums a frame run by run as it writes it. Kept for the
+    last few layouts (every message of a run has the same)."""
+    return _runs(tuple(numels), limit)
+
+
+@functools.lru_cache(maxsize=64)
+def _runs(numels: tuple[int, ...], limit: int) -> tuple[tuple[int, int], ...]:
     runs: list[tuple[int, int]] = []
     total = 0
     for k, n in enumerate(numels):
@@ -545,7 +541,18 @@ def consecutive_runs(numels: list[int], limit: int = 4 * BLOCK) -> list[tuple[in
         else:
             runs.append((k, k + 1))
             total = n
-    return runs
+    return tuple(runs)
+
+
+def flat_list(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors as 1-D ones (views where they can be), for a concatenation. A 1-D tensor is taken as it
+    is: at a few hundred tensors per message, the ``reshape`` calls alone cost a tenth of the copy."""
+    return [x if x.dim() == 1 else x.reshape(-1) for x in xs]
+
+
+def shaped(flats: tuple[torch.Tensor, ...] | list[torch.Tensor], shapes: list[list[int]]) -> list[torch.Tensor]:
+    """The 1-D ``flats`` viewed as ``shapes`` (1-D ones as they are: see :func:`flat_list`)."""
+    return [v if len(shape) == 1 else v.view(shape) for v, shape in zip(flats, shapes)]
 
 
 def _copy_out(raw: torch.Tensor, stored: torch.dtype, shapes: list[list[int]], numels: list[int],
@@ -556,7 +563,7 @@ def _copy_out(raw: torch.Tensor, stored: torch.dtype, shapes: list[list[int]], n
     for i, j in consecutive_runs(numels, BLOCK * 4 // stored.itemsize):  # about 1 MiB of the frame per copy
         n = sum(numels[i:j]) * stored.itemsize
         values = convert(raw[start : start + n].view(stored))
-        out += [v.view(shape) for v, shape in zip(torch.split(values, numels[i:j]), shapes[i:j])]
+        out += shaped(values.split_with_sizes(numels[i:j]), shapes[i:j])
         start += n
     return out
 

@@ -23,6 +23,7 @@ traffic); blocks made int8 encode of a 134 MB tensor 2.5x faster, about a plain 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 from functools import lru_cache
 
 import numpy as np
@@ -72,16 +73,38 @@ def quantize_affine(
     gives all-zero levels. ``out``: a flat uint8 tensor of ``x.numel()`` to write the levels into
     (a message's storage), returned viewed as ``x``'s shape.
     """
-    flat = x.reshape(-1)
+    flat = x.detach().reshape(-1)
     if out is None:
         out = torch.empty(flat.numel(), dtype=torch.uint8)
     if scale == 0.0:
         return out.zero_().view(x.shape)
     buf = torch.empty(min(BLOCK, flat.numel()), dtype=torch.float32)
+    if generator is None:  # round to nearest: numpy's chain, a pass each, the block in cache
+        src, lv, work = flat.numpy(), out.numpy(), buf.numpy()
+        for start, end in _spans(flat.numel(), BLOCK):
+            _levels(src[start:end], np.float32(offset), np.float32(scale), max_level, lv[start:end], work)
+        return out.view(x.shape)
     for start, end in _spans(flat.numel(), BLOCK):
         v = torch.sub(flat[start:end], offset, out=buf[: end - start]).div_(scale)
         store_levels(round_levels(v, 0, max_level, generator), out[start:end])
     return out.view(x.shape)
+
+
+def _levels(x: np.ndarray, offset: Any, scale: Any, max_level: int, out: np.ndarray,
+            work: np.ndarray | None = None) -> None:
+    """``out = clip(rint((x - offset) / scale), 0, max_level)``, the round-to-nearest levels of float32
+    ``x`` (``work``: a float32 buffer of at least its size; else ``x`` itself is overwritten), each step
+    the float32 operation torch's ``sub_``, ``div_``, ``round_`` (half to even) and ``clamp_`` make, so
+    the levels are theirs bit for bit; ``offset`` and ``scale`` may be per-element arrays;
+    ``offset`` is the min of ``x``. numpy's ufuncs write the clamped levels straight into ``out`` (their cast to uint8 is exact: integral values
+    in range) and cost about a microsecond a call, where a torch call costs several."""
+    v = x if work is None else work[: x.shape[0]]
+    np.subtract(x, offset, out=v)
+    np.divide(v, scale, out=v)
+    np.rint(v, out=v)
+    # x >= offset (the tensor's min, a float32) makes x - offset >= +0 and so every step >= +0: the
+    # lower clamp never acts, and the upper one is a minimum (np.clip is a Python wrapper around two)
+    np.minimum(v, max_level, out=out, casting="unsafe")
 
 
 def store_levels(levels: torch.Tensor, out: torch.Tensor) -> None:
@@ -96,10 +119,17 @@ def dequantize_affine(q: torch.Tensor, offset: float, scale: float, out: torch.T
     block, in cache) when given, returned viewed as ``q``'s shape."""
     if out is None:
         return q.to(torch.float32).mul_(scale).add_(offset)
-    flat = q.reshape(-1)
-    for start, end in _spans(flat.numel(), BLOCK):
-        out[start:end].copy_(flat[start:end]).mul_(scale).add_(offset)
+    flat, values = q.reshape(-1).numpy(), out.numpy()
+    for start, end in _spans(flat.shape[0], BLOCK):
+        _values(flat[start:end], np.float32(offset), np.float32(scale), values[start:end])
     return out.view(q.shape)
+
+
+def _values(q: np.ndarray, offset: Any, scale: Any, out: np.ndarray) -> None:
+    """``out = q * scale + offset`` in float32, two roundings as torch's ``to(float32).mul_().add_()``
+    (the level's conversion is exact); ``offset`` and ``scale`` may be per-element arrays."""
+    np.multiply(q, scale, out=out, dtype=np.float32)
+    np.add(out, offset, out=out)
 
 
 @lru_cache(maxsize=8)
@@ -115,51 +145,78 @@ def segments(numels: tuple[int, ...]) -> Segments:
 
 
 class Segments:
-    """Tensors of ``numels`` elements laid end to end in one flat float32 buffer: a min and max per
-    tensor, and in-place operations with one scalar per tensor, in a few kernels instead of one per
-    tensor (a U-Net's state dict is mostly biases and norms of a few hundred elements, where the
-    launch of a kernel costs more than its arithmetic).
+    """Tensors of ``numels`` elements laid end to end (a run of a message's group): the affine grids and
+    levels of all of them, and their values back, in a few calls instead of several per tensor (a
+    U-Net's state dict is mostly biases and norms of a few hundred elements, where a call costs more
+    than its arithmetic).
 
-    Tensors of at most ``TINY`` elements are gathered by index and handled together, each element
-    with its tensor's scalar; larger ones get one kernel each through ``torch._foreach_*``. Every
-    element sees the same float32 operation as ``tensor.sub_(scalar)`` would give it, so the results
-    equal the per-tensor ones bit for bit.
+    Tensors of at most ``TINY`` elements are concatenated and handled together: their mins and maxes
+    from one ``np.minimum.reduceat`` and one ``np.maximum.reduceat``, each element then with its
+    tensor's grid. Larger ones are read where they are, with a chain of numpy calls each, block by
+    block through a buffer that stays in cache. Every element sees the float32 operations of the
+    per-tensor path, so the results equal its bit for bit.
     """
 
     TINY = 1024
 
     def __init__(self, numels: list[int]):
         self.numels = list(numels)
-        self.large = [i for i, n in enumerate(numels) if n > self.TINY]
+        counts = np.asarray(numels, dtype=np.int64)
+        starts = np.cumsum(counts) - counts
+        self.large = [(i, int(starts[i]), int(starts[i] + n)) for i, n in enumerate(numels) if n > self.TINY]
         self.small = [i for i, n in enumerate(numels) if 0 < n <= self.TINY]
         if self.small:
-            starts = torch.tensor([0, *numels[:-1]]).cumsum(0)[self.small]
-            self.counts = torch.tensor([numels[i] for i in self.small])
-            self.seg = torch.repeat_interleave(torch.arange(len(self.small)), self.counts)
-            first = self.counts.cumsum(0) - self.counts  # where each tensor starts among the gathered
-            self.index = torch.arange(int(self.counts.sum())) + (starts - first)[self.seg]
+            sizes = counts[self.small]
+            self.firsts = np.cumsum(sizes) - sizes  # where each starts among the small ones: reduceat's indices
+            self.seg = np.repeat(np.asarray(self.small, dtype=np.int64), sizes)  # the tensor of each element
+            self.index = np.arange(int(sizes.sum())) + np.repeat(starts[self.small] - self.firsts, sizes)
 
-    def minmax(self, flat: torch.Tensor) -> torch.Tensor:
-        """``[min, max]`` of every tensor (float32, ``[k, 2]``; ``[0, 0]`` for empty ones; NaN propagates)."""
-        out = torch.zeros(len(self.numels), 2)
-        views = torch.split(flat, self.numels)
-        if self.large:
-            out[self.large] = torch.stack([e for i in self.large for e in torch.aminmax(views[i])]).view(-1, 2)
+    def grid_and_levels(self, xs: list[torch.Tensor], max_level: int, grid: np.ndarray, out: np.ndarray) -> bool:
+        """The affine grid ``[offset, scale]`` of every float32 tensor of ``xs`` into ``grid`` (``[k, 2]``
+        float32: ``[0, 0]`` for empty ones) and their levels into the uint8 ``out``; False, with nothing
+        of ``out`` written, if a tensor is not finite or its range is wider than the float32 maximum."""
+        ends = np.zeros((len(self.numels), 2), dtype=np.float32)
+        sources = {}
+        for i, _, _ in self.large:
+            sources[i] = src = xs[i].detach().reshape(-1).numpy()
+            ends[i] = np.minimum.reduce(src), np.maximum.reduce(src)  # NaN propagates
         if self.small:
-            values = flat[self.index]
-            out[self.small, 0] = torch.segment_reduce(values, "min", lengths=self.counts)
-            out[self.small, 1] = torch.segment_reduce(values, "max", lengths=self.counts)
-        return out
+            small = torch.cat([xs[i].detach().reshape(-1) for i in self.small]).numpy()
+            ends[self.small, 0] = np.minimum.reduceat(small, self.firsts)
+            ends[self.small, 1] = np.maximum.reduceat(small, self.firsts)
+        # in float64, as affine_grid computes the grid; a zero made +0.0 (reductions and aminmax may
+        # disagree on the sign of a zero between 0.0 and -0.0)
+        ends64 = ends.astype(np.float64) + 0.0
+        lo, hi = ends64[:, 0], ends64[:, 1]
+        if not (np.isfinite(ends64).all() and (hi - lo <= np.finfo(np.float32).max).all()):
+            return False
+        grid[:, 0], grid[:, 1] = lo, (hi - lo) / max_level  # rounded to float32: what travels
+        offsets = grid[:, 0]
+        scales = np.where(grid[:, 1] != 0, grid[:, 1], np.float32(1))  # scale 0: x - lo is 0 anyway
+        work = np.empty(min(BLOCK, max((end - start for _, start, end in self.large), default=0)), dtype=np.float32)
+        for i, start, end in self.large:
+            src = sources[i]
+            for a, b in _spans(end - start, BLOCK):
+                _levels(src[a:b], offsets[i], scales[i], max_level, out[start + a : start + b], work)
+        if self.small:
+            out[self.index] = _gathered_levels(small, offsets[self.seg], scales[self.seg], max_level)
+        return True
 
-    def apply_(self, flat: torch.Tensor, op: str, scalars: list[float]) -> None:
-        """``tensor_i.<op>_(scalars[i])`` for every tensor, ``op`` one of sub, div, mul, add (float32 scalars)."""
-        if self.large:
-            views = torch.split(flat, self.numels)
-            getattr(torch, f"_foreach_{op}_")([views[i] for i in self.large], [scalars[i] for i in self.large])
+    def values(self, q: np.ndarray, offsets: np.ndarray, scales: np.ndarray, out: np.ndarray) -> None:
+        """The float32 values of every tensor's levels ``q`` (:func:`_values`) into ``out``."""
+        for i, start, end in self.large:
+            for a, b in _spans(end - start, BLOCK):
+                _values(q[start + a : start + b], offsets[i], scales[i], out[start + a : start + b])
         if self.small:
-            values = flat[self.index]
-            getattr(values, f"{op}_")(torch.tensor([scalars[i] for i in self.small], dtype=torch.float32)[self.seg])
-            flat[self.index] = values
+            values = np.empty(len(self.index), dtype=np.float32)
+            _values(q[self.index], offsets[self.seg], scales[self.seg], values)
+            out[self.index] = values
+
+
+def _gathered_levels(x: np.ndarray, offsets: np.ndarray, scales: np.ndarray, max_level: int) -> np.ndarray:
+    levels = np.empty(x.shape[0], dtype=np.uint8)
+    _levels(x, offsets, scales, max_level, levels)
+    return levels
 
 
 def row_absmax(x2: torch.Tensor) -> torch.Tensor:

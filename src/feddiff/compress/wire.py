@@ -2,12 +2,15 @@
 
 Layout (all integers little-endian)::
 
-    b"FDM" | version: u8 | CRC-32C of everything after this field: u32 | header length: u32
-    | header (zlib-compressed UTF-8 JSON) | zero padding to 8 bytes | storage parts, each 8-byte aligned
+    b"FDM" | version: u8 | CRC-32C of everything after this field: u32 | layout length: u32
+    | meta length: u32 | layout | meta | zero padding to 8 bytes | storage parts, each 8-byte aligned
 
-The header holds the codec and its settings, the message's JSON fields (``meta``) and the groups:
-runs of consecutive tensors of one dtype and one codec (a model's state dict is one group), each as
-``[codec, dtype, names, shapes]``. A group's storage is one flat array per part of its codec (the
+The layout and the meta are zlib-compressed UTF-8 JSON objects. The meta holds the message's own
+fields (round, counts). The layout holds the codec and its settings and the groups: runs of
+consecutive tensors of one dtype and one codec (a model's state dict is one group), each as
+``[codec, dtype, names, shapes]``. Every message of a run has the same layout, so both ends keep the
+last few layouts they made or checked, by value (the layout's bytes): a message then costs its
+tensors, not a header of a few hundred names to write, parse and check again. A group's storage is one flat array per part of its codec (the
 identity: the tensors' values; int8: the levels, then the grids), each tensor's part after the
 previous tensor's, so the whole layout of the data section follows from the header: there are no
 offsets to trust, and a data section of any other length is refused before a byte of it is read.
@@ -20,8 +23,9 @@ hands out views of those copies. The frame's memory is a ``bytes`` object filled
 sees it (``io.BytesIO`` over a fresh buffer returns it without a copy).
 
 The checksum is CRC-32C (Castagnoli; hardware-accelerated, 3-4x faster than zlib's CRC-32 here, with
-the same 32-bit detection guarantees). Earlier versions (3: a storage table with per-part offsets; 2:
-zlib's CRC-32; 1: a safetensors body) are no longer written or read: frames are never stored, only sent.
+the same 32-bit detection guarantees). Earlier versions (4: one header, layout and meta
+together; 3: a storage table with per-part offsets; 2: zlib's CRC-32; 1: a safetensors body) are no
+longer written or read: frames are never stored, only sent.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import io
 import json
 import math
 import mmap
+import operator
 import sys
 import warnings
 import zlib
@@ -45,15 +50,16 @@ from feddiff.compress.crc import Pipeline, crc32c_async
 from feddiff.types import StateDict
 
 MAGIC = b"FDM"
-VERSION = 4
-_PREFIX = 12  # magic(3) + version(1) + crc32(4) + header length(4)
+VERSION = 5
+_PREFIX = 16  # magic(3) + version(1) + crc32(4) + layout length(4) + meta length(4)
 _ALIGN = 8
-_MAX_HEADER = 64 << 20  # a decompressed header larger than this is refused (zip bombs)
+_MAX_HEADER = 64 << 20  # a decompressed layout or meta larger than this is refused (zip bombs)
+_LAYOUTS = 16  # layouts kept by each end (a run has a few: one per codec and set of tensors)
 _PIECE = 8 << 20  # frames of two pieces or more have their checksum computed piece by piece as they are written
 _HUGE = 8 << 20  # frames from this size on are asked to be backed by huge pages (_advise_huge)
 _HUGE_PAGE = 2 << 20
 _MAX_DIMS, _MAX_DIM = 64, 1 << 48  # a shape's dimensions, each dimension (torch's limits are near these)
-_CRC_BESIDE = 1 << 20  # from this size on, a frame's checksum is computed on a worker thread while it is decoded
+_CRC_BESIDE = 8 << 20  # from this size on, a frame's checksum is computed on a worker thread while it is decoded
 _TRAVEL = frozenset((
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
     torch.int16, torch.int8, torch.uint8, torch.bool,
@@ -84,6 +90,7 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in _TRAVEL}
 
 
 _ITEMSIZE = {d: torch.empty((), dtype=d).element_size() for d in _DTYPES.values()}
+_SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -95,28 +102,34 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def pack_frame(header: dict[str, Any], data: bytes | memoryview = b"") -> bytes:
-    """A frame around ``header`` and ``data`` (the data section, as it is). :func:`encode` writes its
-    frames in place instead; this is for tools and tests that build frames by hand."""
-    head = _header_bytes(header)
-    body = bytearray(_aligned(_PREFIX + len(head)) - 8)
-    body[:4] = len(head).to_bytes(4, "little")
-    body[4 : 4 + len(head)] = head
+    """A frame around ``header`` (its ``meta`` as the meta, the rest as the layout) and ``data`` (the
+    data section, as it is). :func:`encode` writes its frames in place instead; this is for tools and
+    tests that build frames by hand."""
+    layout = _deflate({k: v for k, v in header.items() if k != "meta"})
+    meta = _deflate(header.get("meta", {}))
+    body = bytearray(_aligned(_PREFIX + len(layout) + len(meta)) - 8)
+    body[:8] = len(layout).to_bytes(4, "little") + len(meta).to_bytes(4, "little")
+    body[8 : 8 + len(layout) + len(meta)] = layout + meta
     body += data
     return MAGIC + bytes([VERSION]) + crc32c_async([body]).result().to_bytes(4, "little") + bytes(body)
 
 
 def unpack_frame(blob: bytes) -> tuple[dict[str, Any], memoryview]:
-    """Check a frame (checksum included) and return (header, data section); raises :class:`MessageError`."""
+    """Check a frame (checksum included) and return (header: the layout with the ``meta``, data section);
+    raises :class:`MessageError`."""
     view, crc = _open(blob)
     try:
         result: Any = _read_header(view)
+        layout = _inflate(result[0], "layout")
+        if not isinstance(layout, dict):
+            raise MessageError("malformed message layout: not a JSON object")
     except MessageError as err:
         result = err
     _check_crc(view, crc)
     if isinstance(result, MessageError):
         raise result
-    header, data_start = result
-    return header, view[data_start:]
+    _, meta, data_start = result
+    return {**layout, "meta": meta}, view[data_start:]
 
 
 def read_parts(blob: bytes) -> tuple[dict[str, Any], list[dict[str, torch.Tensor]]]:
@@ -142,9 +155,23 @@ def write_parts(header: dict[str, Any], parts: list[dict[str, torch.Tensor]]) ->
     return pack_frame(header, bytes(data))
 
 
-def _header_bytes(header: dict[str, Any]) -> bytes:
+def _deflate(value: Any) -> bytes:
     # level 1: names and shapes compress about as well, at a third of the time of level 6
-    return zlib.compress(json.dumps(header, separators=(",", ":"), sort_keys=True).encode(), 1)
+    return zlib.compress(json.dumps(value, separators=(",", ":"), sort_keys=True).encode(), 1)
+
+
+def _inflate(raw: bytes, what: str) -> Any:
+    """The JSON value of one compressed section; raises :class:`MessageError`."""
+    try:
+        inflater = zlib.decompressobj()
+        text = inflater.decompress(raw, _MAX_HEADER)
+        if inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:
+            raise MessageError(f"message {what} is not exactly one compressed {what} under {_MAX_HEADER} bytes")
+        return json.loads(text)
+    except MessageError:
+        raise
+    except (ValueError, UnicodeDecodeError, zlib.error, RecursionError) as err:
+        raise MessageError(f"malformed message {what}: {type(err).__name__}: {str(err)[:200]}") from None
 
 
 def _aligned(n: int) -> int:
@@ -168,27 +195,20 @@ def _check_crc(view: memoryview, crc: Any) -> None:
         raise MessageError(f"message checksum mismatch ({len(view)} bytes): truncated or corrupted")
 
 
-def _read_header(view: memoryview) -> tuple[dict[str, Any], int]:
-    """(header, offset of the data section); raises :class:`MessageError`."""
-    n = int.from_bytes(view[8:12], "little")
-    if _PREFIX + n > len(view):
-        raise MessageError(f"header length {n} runs past the end of a {len(view)}-byte message")
-    try:
-        inflater = zlib.decompressobj()
-        text = inflater.decompress(bytes(view[_PREFIX : _PREFIX + n]), _MAX_HEADER)
-        if inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:
-            raise MessageError(f"message header is not exactly one compressed header under {_MAX_HEADER} bytes")
-        header = json.loads(text)
-    except MessageError:
-        raise
-    except (ValueError, UnicodeDecodeError, zlib.error, RecursionError) as err:
-        raise MessageError(f"malformed message header: {type(err).__name__}: {str(err)[:200]}") from None
-    if not isinstance(header, dict):
-        raise MessageError("malformed message header: not a JSON object")
-    data_start = min(_aligned(_PREFIX + n), len(view))
-    if any(view[_PREFIX + n : data_start]):
+def _read_header(view: memoryview) -> tuple[bytes, dict[str, Any], int]:
+    """(the layout's compressed bytes, the meta, offset of the data section); raises :class:`MessageError`."""
+    n_layout, n_meta = int.from_bytes(view[8:12], "little"), int.from_bytes(view[12:16], "little")
+    if _PREFIX + n_layout + n_meta > len(view):
+        raise MessageError(f"layout and meta lengths {n_layout} + {n_meta} run past the end of a "
+                           f"{len(view)}-byte message")
+    meta = _inflate(bytes(view[_PREFIX + n_layout : _PREFIX + n_layout + n_meta]), "meta")
+    if not isinstance(meta, dict):
+        raise MessageError("malformed message meta: not a JSON object")
+    end = _PREFIX + n_layout + n_meta
+    data_start = min(_aligned(end), len(view))
+    if any(view[end:data_start]):
         raise MessageError("nonzero padding after the message header")
-    return header, data_start
+    return bytes(view[_PREFIX : _PREFIX + n_layout]), meta, data_start
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,6 +222,7 @@ class _Group:
     names: list[str]
     shapes: list[list[int]]
     numels: list[int]
+    sizes: list[torch.Size] = field(default_factory=list)  # the shapes as torch sizes (decode's check)
     parts: dict[str, tuple[torch.dtype, int, int]] = field(default_factory=dict)  # suffix -> (dtype, offset, bytes)
 
     def blame(self, err: CodecError) -> str:
@@ -225,34 +246,74 @@ class _Group:
         return offset
 
 
-def _groups_of(message: Message, codec: Codec) -> list[tuple[_Group, list[torch.Tensor]]]:
-    groups: list[tuple[_Group, list[torch.Tensor]]] = []
-    group = _Group(IDENTITY, torch.float32, [], [], [])
-    xs: list[torch.Tensor] = []
-    for name, x in message.tensors.items():  # (a loop per tensor: kept to the few checks it needs)
-        if not x.is_cpu:
-            x = x.cpu()
-        dtype = x.dtype
-        if dtype is not group.dtype or not groups:
+@dataclass
+class _Layout:
+    """Where a message's tensors go: its groups, placed, the data section's length and the layout's
+    compressed bytes. Kept by both ends and shared: read, never changed, once made."""
+
+    groups: list[_Group]
+    spans: list[tuple[int, int]]  # each group's tensors: message.tensors' values [i:j]
+    size: int
+    raw: bytes
+
+
+@functools.lru_cache(maxsize=_LAYOUTS)
+def _layout_for(codec: Codec, config: tuple, names: tuple[str, ...], shapes: tuple[torch.Size, ...],
+                dtypes: tuple[torch.dtype, ...]) -> _Layout:
+    """The layout of tensors of these names, shapes and dtypes through ``codec`` (whose ``config``,
+    part of the key, is ``codec.config()``'s items: a codec's settings may be changed in place)."""
+    groups: list[_Group] = []
+    spans: list[tuple[int, int]] = []
+    for k, (name, shape, dtype) in enumerate(zip(names, shapes, dtypes)):
+        if not groups or dtype is not groups[-1].dtype:
             if dtype not in _TRAVEL:
                 raise MessageError(f"tensor {name!r}: dtype {dtype} cannot travel")
-            group, xs = _Group(codec if x.is_floating_point() else IDENTITY, dtype, [], [], []), []
-            groups.append((group, xs))
+            groups.append(_Group(codec if dtype.is_floating_point else IDENTITY, dtype, [], [], []))
+            spans.append((k, k))
+        group = groups[-1]
         group.names.append(name)
-        group.shapes.append(list(x.shape))
-        group.numels.append(x.numel())
-        xs.append(x)
-    return groups
+        group.shapes.append(list(shape))
+        group.numels.append(math.prod(shape))
+        spans[-1] = (spans[-1][0], k + 1)
+    size = 0
+    for group in groups:
+        size = group.place(size)
+    raw = _deflate({"codec": codec.name, "codec_config": codec.config(),
+                    "groups": [[g.codec.name, _dtype_name(g.dtype), g.names, g.shapes] for g in groups]})
+    return _Layout(groups, spans, size, raw)
+
+
+def _layout_of(message: Message, codec: Codec) -> tuple[_Layout, list[torch.Tensor]]:
+    """The message's layout (kept: :func:`_layout_for`) and its tensors, on the CPU."""
+    xs = [x if x.is_cpu else x.cpu() for x in message.tensors.values()]
+    names, shapes, dtypes = tuple(message.tensors), tuple(map(_SHAPE, xs)), tuple(map(_DTYPE, xs))
+    try:
+        config = tuple(sorted(codec.config().items()))
+        hash((codec, config))
+    except TypeError:  # a codec with settings that cannot be a key: made each time
+        return _layout_for.__wrapped__(codec, (), names, shapes, dtypes), xs
+    return _layout_for(codec, config, names, shapes, dtypes), xs
+
+
+@functools.lru_cache(maxsize=_LAYOUTS)
+def _checked_layout(raw: bytes) -> _Layout:
+    """A received layout (its compressed bytes), checked and placed; kept, by value, so that the next
+    message of the same layout costs a lookup. Raises :class:`MessageError` (not kept)."""
+    header = _inflate(raw, "layout")
+    if not isinstance(header, dict):
+        raise MessageError("malformed message layout: not a JSON object")
+    groups, size = _groups_from(header)
+    return _Layout(groups, [], size, raw)
 
 
 def _groups_from(header: dict[str, Any]) -> tuple[list[_Group], int]:
-    """The header's groups, checked and placed, and the data section's length they need."""
+    """The layout's groups, checked and placed, and the data section's length they need."""
     try:
-        groups, meta, codec_name, codec_config = header["groups"], header["meta"], header["codec"], header["codec_config"]
+        groups, codec_name, codec_config = header["groups"], header["codec"], header["codec_config"]
     except KeyError as err:
-        raise MessageError(f"message header lacks {err}") from None
-    if not (isinstance(groups, list) and isinstance(meta, dict) and isinstance(codec_config, dict)):
-        raise MessageError("malformed message header: groups must be a list, meta and codec_config objects")
+        raise MessageError(f"message layout lacks {err}") from None
+    if not (isinstance(groups, list) and isinstance(codec_config, dict)):
+        raise MessageError("malformed message layout: groups must be a list, codec_config an object")
     codecs: dict[str, Codec] = {"identity": IDENTITY}
     out, seen, offset = [], set(), 0
     for entry in groups:
@@ -287,7 +348,7 @@ def _groups_from(header: dict[str, Any]) -> tuple[list[_Group], int]:
             raise MessageError(f"tensor {names[bad]!r:.200}: invalid shape {str(shapes[bad])[:80]} (at most "
                                f"{_MAX_DIMS} dimensions of 0..{_MAX_DIM})")
         numels = [math.prod(s) for s in shapes]
-        group = _Group(codecs[name], _DTYPES[dtype_name], names, shapes, numels)
+        group = _Group(codecs[name], _DTYPES[dtype_name], names, shapes, numels, [torch.Size(s) for s in shapes])
         offset = group.place(offset)
         out.append(group)
     return out, offset
@@ -304,35 +365,32 @@ def _valid_shape(shape: Any) -> bool:
 
 def encode(message: Message, codec: Codec = IDENTITY, generator: torch.Generator | None = None) -> bytes:
     """Serialize a message; floating-point tensors go through ``codec``, others travel as they are."""
-    groups = _groups_of(message, codec)
-    size = 0
-    for group, _ in groups:
-        size = group.place(size)
-    header = {"codec": codec.name, "codec_config": codec.config(), "meta": message.meta,
-              "groups": [[g.codec.name, _dtype_name(g.dtype), g.names, g.shapes] for g, _ in groups]}
-    head = _header_bytes(header)
-    data_start = _aligned(_PREFIX + len(head))
-    frame = io.BytesIO(bytes(data_start + size))  # zero-filled: padding included; not yet shared
+    layout, xs = _layout_of(message, codec)
+    groups = [(g, xs[i:j]) for g, (i, j) in zip(layout.groups, layout.spans)]
+    meta = _deflate(message.meta)
+    data_start = _aligned(_PREFIX + len(layout.raw) + len(meta))
+    frame = io.BytesIO(_uninitialized(data_start + layout.size))  # every byte is written below; not yet shared
     buffer = frame.getbuffer()
     try:
         if len(buffer) >= _HUGE:
             _advise_huge(buffer)
-        _fill(buffer, head, data_start, groups, generator)
+        _fill(buffer, layout.raw + meta, len(layout.raw), data_start, groups, generator)
     finally:
         buffer.release()
     return frame.getvalue()  # the same bytes object, not a copy, now that nothing else points into it
 
 
-def _fill(buffer: memoryview, head: bytes, data_start: int, groups: list[tuple[_Group, list[torch.Tensor]]],
-          generator: torch.Generator | None) -> None:
-    """Write the frame into ``buffer``. A large frame's checksum is computed piece by piece on worker
+def _fill(buffer: memoryview, head: bytes, n_layout: int, data_start: int,
+          groups: list[tuple[_Group, list[torch.Tensor]]], generator: torch.Generator | None) -> None:
+    """Write the frame into ``buffer`` (``head``: the layout's bytes, then the meta's). A large frame's checksum is computed piece by piece on worker
     threads as the pieces are written (:class:`.crc.Pipeline`): a group with a single part (the
     identity's values, fp16's) is encoded in runs of about ``_PIECE`` bytes for that, which by the
     codecs' contract (each tensor's storage after the previous one's) gives the same bytes."""
     buffer[:3] = MAGIC
     buffer[3] = VERSION
-    buffer[8:12] = len(head).to_bytes(4, "little")
+    buffer[8:16] = n_layout.to_bytes(4, "little") + (len(head) - n_layout).to_bytes(4, "little")
     buffer[_PREFIX : _PREFIX + len(head)] = head
+    _zero_padding(buffer, _PREFIX + len(head), data_start, groups)
     pipelined = len(buffer) >= _PIECE * 2
     crc = Pipeline("crc32c") if pipelined else None
     done = 8  # the checksum covers buffer[8:], handed to `crc` in order as it is written
@@ -362,6 +420,36 @@ def _fill(buffer: memoryview, head: bytes, data_start: int, groups: list[tuple[_
         raise
     finally:
         data = None
+
+
+def _zero_padding(buffer: memoryview, head_end: int, data_start: int,
+                  groups: list[tuple[_Group, list[torch.Tensor]]]) -> None:
+    """Zero the bytes of a fresh frame that no codec writes: after the header, and between and after
+    the parts (codecs write every byte of their parts: :meth:`.Codec.encode_group` checks)."""
+    buffer[head_end:data_start] = bytes(data_start - head_end)
+    end = 0
+    for group, _ in groups:
+        for _, offset, nbytes in group.parts.values():
+            buffer[data_start + end : data_start + offset] = bytes(offset - end)
+            end = offset + nbytes
+    buffer[data_start + end :] = bytes(len(buffer) - data_start - end)
+
+
+def _uninitialized(n: int) -> bytes:
+    """A new ``bytes`` object of ``n`` bytes, not zeroed (CPython's ``PyBytes_FromStringAndSize(NULL,
+    n)``; elsewhere ``bytes(n)``). Zeroing a 4 MB frame took as long as a third of copying the tensors
+    into it; the encoder writes every byte anyway."""
+    make = _bytes_maker()
+    return make(None, n) if make is not None else bytes(n)
+
+
+@functools.cache
+def _bytes_maker() -> Any:
+    if sys.implementation.name != "cpython":
+        return None
+    # (a prototype of our own: setting restype on ctypes.pythonapi's would change it for everyone)
+    return ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t)(
+        ("PyBytes_FromStringAndSize", ctypes.pythonapi))
 
 
 def _encode(group: _Group, xs: list[torch.Tensor], out: dict[str, torch.Tensor], generator: torch.Generator | None,
@@ -426,8 +514,9 @@ def decode(blob: bytes) -> Message:
 
 
 def _decode(view: memoryview) -> Message:
-    header, data_start = _read_header(view)
-    groups, size = _groups_from(header)
+    raw, meta, data_start = _read_header(view)
+    layout = _checked_layout(raw)
+    groups, size = layout.groups, layout.size
     if len(view) - data_start != size:
         raise MessageError(f"the data section is {len(view) - data_start} bytes; the header's groups need {size}")
     tensors: StateDict = {}
@@ -450,8 +539,9 @@ def _decode(view: memoryview) -> Message:
             raise MessageError(group.blame(err)) from None
         except (RuntimeError, ValueError, TypeError) as err:  # a codec's bug must not pass for a valid message
             raise MessageError(f"{group.blame(CodecError(str(err)))} (while decoding)") from None
-        if len(xs) != len(group.names) or any(x.dtype != group.dtype for x in xs) or \
-                [list(x.shape) for x in xs] != group.shapes:  # a codec's bug must not pass for a valid message
+        if len(xs) != len(group.names) or list(map(_SHAPE, xs)) != group.sizes or \
+                any(dtype != group.dtype for dtype in set(map(_DTYPE, xs))):
+            # (a codec's bug must not pass for a valid message)
             raise MessageError(f"{group.blame(CodecError('decoded tensors do not match the header'))}")
         tensors.update(zip(group.names, xs))
-    return Message(tensors, header["meta"])
+    return Message(tensors, meta)
