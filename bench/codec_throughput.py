@@ -1,16 +1,26 @@
 """Codec throughput: encode + decode of a whole state dict through the real wire path.
 
 For every codec, one message holding a U-Net state dict goes through ``wire.encode`` and
-``wire.decode`` (the path every simulator message takes). Reported per codec: MB/s of float32
-input processed (encode + decode), the bytes on the wire and how many times fewer than
-``identity``, and the largest absolute error. The reference, measured in the same run and
-interleaved with the codecs, is ``torch.clone`` of the same tensors; ``ratio`` = codec MB/s /
-clone MB/s. ``codec_only_*`` times the codec's encode + decode per tensor without the wire
-(serialization, checksum), to show which of the two costs more. ``page_faults`` counts the minor
-page faults of a round trip (fresh memory written for the first time: a frame the allocator had
-given back to the kernel costs one per 4 KiB, about as long as writing it); the clone's are
-reported beside it. Medians over repeats (the machine is noisy). The last line is one JSON object; its
-top-level ``ratio`` is int8 (affine)'s, on the largest model measured.
+``wire.decode`` (the path every simulator message takes). The reference is ``torch.clone`` of the
+same tensors, measured in the same run: each round trip is timed right after a clone, as a pair, and
+``ratio`` is the median over the pairs of clone time / round-trip time (codec MB/s over clone MB/s),
+with its spread (``ratio_min``, ``ratio_max``).
+
+Two orders, because what runs between two messages changes what a message costs:
+
+- ``ratio``: a codec's pairs one after another (a server decoding its clients' updates, a client
+  encoding its update each round: messages of one layout in a row). Each codec's block of pairs
+  starts with one untimed pair.
+- ``ratio_mixed``: every codec's pair in turn, again and again (eight codecs' memory between two
+  messages of one). There a frame's memory has often gone back to the kernel since the last message
+  of its size, and writing it costs a page fault per 4 KiB: ``page_faults`` and ``page_faults_mixed``
+  count the minor faults of a round trip in each order (the clone's beside them).
+
+Also reported per codec: MB/s of float32 input processed (encode, decode, both), the bytes on the wire
+and how many times fewer than ``identity``, the largest absolute error, and ``codec_only_*``: the
+codec's own encode + decode per tensor without the wire (serialization, checksum), to show which of
+the two costs more. The last line is one JSON object; its top-level ``ratio`` is int8 (affine)'s, on
+the largest model measured.
 
 Torch runs on one thread by default (``--threads``): most state-dict tensors are small, and on a
 shared 2-core machine OpenMP thread hand-offs under contention slowed clone and codecs alike by
@@ -85,6 +95,16 @@ def codec_only(tensors: dict[str, torch.Tensor], codec, seed: int) -> float:
     return time.perf_counter() - t
 
 
+def pair(tensors: dict[str, torch.Tensor], codec, seed: int) -> dict[str, float]:
+    """A clone, then a round trip of the same tensors: their times and page faults."""
+    f0 = faults()
+    clone_s = clone_all(tensors)
+    f1 = faults()
+    enc, dec, _, _, n = roundtrip(tensors, codec, seed)
+    return {"clone": clone_s, "enc": enc, "dec": dec, "faults": n, "clone_faults": f1 - f0,
+            "ratio": clone_s / (enc + dec)}
+
+
 def bench_model(model: str, repeats: int) -> dict:
     preset, channels, size = MODELS[model]
     model_sd = build_unet(unet_kwargs(preset, channels, size), 0).state_dict()
@@ -93,7 +113,7 @@ def bench_model(model: str, repeats: int) -> dict:
     mb = nbytes / 1e6
     codecs = {label: make_codec(name, **settings) for label, (name, settings) in CODECS.items()}
     print(f"{model}: {len(tensors)} tensors, {sum(v.numel() for v in tensors.values()):,} params, "
-          f"{mb:.1f} MB fp32, {repeats} repeats", flush=True)
+          f"{mb:.1f} MB fp32, {repeats} pairs per codec and order", flush=True)
 
     # One untimed pass each: allocator, kernels; it also gives sizes and errors.
     results: dict[str, dict] = {}
@@ -104,58 +124,65 @@ def bench_model(model: str, repeats: int) -> dict:
                   for k, v in tensors.items())
         results[label] = {"codec": codec.name, "settings": codec.config(), "bytes": len(blob), "max_abs_error": err}
 
-    # Interleaved timings: clone, then every codec, per repeat.
-    clone_s: list[float] = []
-    times: dict[str, list[tuple[float, float]]] = {label: [] for label in codecs}
-    faulted: dict[str, list[int]] = {label: [] for label in codecs}
-    clone_faults: list[int] = []
-    alone: dict[str, list[float]] = {label: [] for label in codecs}
+    # A codec's pairs in a row (after one untimed pair), then every codec's pair in turn.
+    same: dict[str, list[dict]] = {}
+    for label, codec in codecs.items():
+        pair(tensors, codec, 0)
+        same[label] = [pair(tensors, codec, r + 1) for r in range(repeats)]
+        print(f"  {label:16s} in a row: ratio {statistics.median(p['ratio'] for p in same[label]):.3f}", flush=True)
+    mixed: dict[str, list[dict]] = {label: [] for label in codecs}
     for r in range(repeats):
-        f0 = faults()
-        clone_s.append(clone_all(tensors))
-        clone_faults.append(faults() - f0)
         for label, codec in codecs.items():
-            enc, dec, _, _, n = roundtrip(tensors, codec, r + 1)
-            times[label].append((enc, dec))
-            faulted[label].append(n)
-            alone[label].append(codec_only(tensors, codec, r + 1))
-        print(f"  repeat {r + 1}/{repeats}: clone {mb / clone_s[-1]:.0f} MB/s, "
-              + ", ".join(f"{label} {mb / sum(times[label][-1]):.0f}" for label in codecs), flush=True)
+            mixed[label].append(pair(tensors, codec, r + 1))
+        print(f"  mixed {r + 1}/{repeats}: " + ", ".join(f"{label} {mixed[label][-1]['ratio']:.3f}" for label in codecs),
+              flush=True)
+    alone = {label: [codec_only(tensors, codec, r + 1) for r in range(repeats)] for label, codec in codecs.items()}
 
-    clone_mbs = mb / statistics.median(clone_s)
+    clone_mbs = mb / statistics.median(p["clone"] for ps in same.values() for p in ps)
     identity_bytes = results["identity"]["bytes"]
     for label, res in results.items():
-        enc = statistics.median(t[0] for t in times[label])
-        dec = statistics.median(t[1] for t in times[label])
-        total = statistics.median(sum(t) for t in times[label])
+        ps, ms = same[label], mixed[label]
+        enc = statistics.median(p["enc"] for p in ps)
+        dec = statistics.median(p["dec"] for p in ps)
+        total = statistics.median(p["enc"] + p["dec"] for p in ps)
         codec_s = statistics.median(alone[label])
         res.update({
             "encode_mb_s": round(mb / enc, 1), "decode_mb_s": round(mb / dec, 1), "mb_s": round(mb / total, 1),
-            "ratio": round(mb / total / clone_mbs, 4), "x_smaller": round(identity_bytes / res["bytes"], 4),
+            "ratio": round(statistics.median(p["ratio"] for p in ps), 4),
+            "ratio_min": round(min(p["ratio"] for p in ps), 4), "ratio_max": round(max(p["ratio"] for p in ps), 4),
+            "ratio_mixed": round(statistics.median(p["ratio"] for p in ms), 4),
+            "ratio_mixed_min": round(min(p["ratio"] for p in ms), 4),
+            "ratio_mixed_max": round(max(p["ratio"] for p in ms), 4),
+            "x_smaller": round(identity_bytes / res["bytes"], 4),
             "codec_only_mb_s": round(mb / codec_s, 1), "codec_only_ratio": round(mb / codec_s / clone_mbs, 4),
-            "page_faults": int(statistics.median(faulted[label])),
+            "page_faults": int(statistics.median(p["faults"] for p in ps)),
+            "page_faults_mixed": int(statistics.median(p["faults"] for p in ms)),
         })
         res["max_abs_error"] = float(f"{res['max_abs_error']:.4g}")
         print(f"  {label:16s} {res['mb_s']:7.1f} MB/s (enc {res['encode_mb_s']:.0f}, dec {res['decode_mb_s']:.0f})"
-              f"  ratio to clone {res['ratio']:.3f}  codec alone {res['codec_only_mb_s']:.0f} MB/s"
-              f" ({res['codec_only_ratio']:.3f})  {res['bytes']:>11,} bytes ({res['x_smaller']:.3f}x smaller)"
-              f"  max err {res['max_abs_error']:.3g}  page faults {res['page_faults']}", flush=True)
+              f"  ratio to clone {res['ratio']:.3f} ({res['ratio_min']:.3f}-{res['ratio_max']:.3f}),"
+              f" mixed {res['ratio_mixed']:.3f} ({res['ratio_mixed_min']:.3f}-{res['ratio_mixed_max']:.3f})"
+              f"  codec alone {res['codec_only_mb_s']:.0f} MB/s ({res['codec_only_ratio']:.3f})"
+              f"  {res['bytes']:>11,} bytes ({res['x_smaller']:.3f}x smaller)  max err {res['max_abs_error']:.3g}"
+              f"  page faults {res['page_faults']}, mixed {res['page_faults_mixed']}", flush=True)
     return {"params": sum(v.numel() for v in tensors.values()), "tensors": len(tensors), "input_mb": round(mb, 3),
-            "clone_mb_s": round(clone_mbs, 1), "clone_page_faults": int(statistics.median(clone_faults)),
+            "clone_mb_s": round(clone_mbs, 1),
+            "clone_page_faults": int(statistics.median(p["clone_faults"] for ps in same.values() for p in ps)),
             "codecs": results}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small U-Net only, under 30 s")
-    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per codec (default 7, cifar10-ddpm 5)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed pairs per codec and order (default 9, cifar10-ddpm 5)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see the module docstring)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     models = ["small"] if args.quick else ["small", "cifar10-ddpm"]
     out = {}
     for model in models:
-        default = 5 if model == "cifar10-ddpm" else 7
+        default = 5 if model == "cifar10-ddpm" else 9
         out[model] = bench_model(model, args.repeats or default)
     main_model = models[-1]
     print(json.dumps({
