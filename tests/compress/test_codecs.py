@@ -494,3 +494,50 @@ def test_segments_by_hand():
             assert not s.grid_and_levels(ys, 255, grid, untouched) and (untouched == 9).all()
     finally:
         Segments.TINY = tiny
+
+
+def test_numpy_levels_and_values_are_torch_s_bit_for_bit():
+    # the int8/int4 affine arithmetic runs in numpy; torch's sub_, div_, round_ (half to even) and
+    # clamp_, and to(float32).mul_().add_(), are the definition
+    import numpy as np
+
+    from feddiff.compress.quantize import Segments, dequantize_affine, quantize_affine
+
+    g = gen(11)
+    cases = [torch.randn(3000, generator=g) * 3, torch.randn(5000, generator=g) * 1e-38,
+             torch.tensor([1e-44, 3e-44, 0.0, -0.0]), torch.randn(700, generator=g) * 1e37,
+             torch.cat([torch.zeros(10), -torch.zeros(10), torch.ones(3)]), torch.rand(2000, generator=g) + 1e6,
+             torch.full((50,), 2.5), torch.arange(0.0, 256.0) * 0.5]  # (subnormal grids, huge ranges, ties)
+    for max_level in (255, 15):
+        grids, levels, values = [], [], []
+        for x in cases:
+            lo, hi = float(x.min()) + 0.0, float(x.max()) + 0.0
+            grid = torch.tensor([lo, (hi - lo) / max_level], dtype=torch.float32)
+            offset, scale = grid.tolist()
+            ref = x.sub(offset).div_(scale if scale else 1.0).round_().clamp_(0, max_level).to(torch.uint8)
+            assert raw(quantize_affine(x, offset, scale, max_level)) == raw(ref)
+            back = ref.to(torch.float32).mul_(scale).add_(offset)
+            assert raw(dequantize_affine(ref, offset, scale, out=torch.empty(x.numel()))) == raw(back)
+            grids.append(grid)
+            levels.append(ref)
+            values.append(back)
+        segs = Segments([x.numel() for x in cases])  # every case at once: large ones, and small ones gathered
+        grid, q = np.zeros((len(cases), 2), dtype=np.float32), np.zeros(sum(x.numel() for x in cases), dtype=np.uint8)
+        assert segs.grid_and_levels(cases, max_level, grid, q)
+        assert grid.tobytes() == torch.stack(grids).numpy().tobytes()
+        assert q.tobytes() == torch.cat(levels).numpy().tobytes()
+        out = np.zeros(q.shape[0], dtype=np.float32)
+        segs.values(q, grid[:, 0], grid[:, 1], out)
+        assert out.tobytes() == torch.cat(values).numpy().tobytes()
+    # below the offset, levels clamp at 0 (a caller's grid need not start at the tensor's min)
+    assert quantize_affine(torch.tensor([-1.0, 0.0, 1.0]), 0.0, 1 / 255, 255).tolist() == [0, 0, 255]
+    assert quantize_affine(torch.tensor([0.5, 1.0], dtype=torch.bfloat16), 0.5, 0.5, 255).tolist() == [0, 1]
+
+
+def test_runs_of_a_huge_layout_are_not_kept():
+    from feddiff.compress.codecs import _runs, consecutive_runs
+
+    before = _runs.cache_info().currsize
+    assert consecutive_runs([1] * 5000, 2000) == ((0, 2000), (2000, 4000), (4000, 5000))
+    assert _runs.cache_info().currsize == before  # (a peer's frame of many tensors leaves nothing behind)
+    assert consecutive_runs([3, 5, 2, 9], 10) == ((0, 2), (2, 3), (3, 4))

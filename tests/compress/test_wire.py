@@ -271,11 +271,18 @@ def test_a_layout_is_kept_by_both_ends_and_only_by_value():
 
     codec = make_codec("int8")
     t = {"w": torch.linspace(-1, 1, 50), "b": torch.arange(3)}
-    made, checked = wire._layout_for.cache_info(), wire._checked_layout.cache_info()
+    made = wire._layout_for.cache_info()
     one, two = encode(Message(t, {"round": 1}), codec), encode(Message(t, {"round": 2}), codec)
     assert wire._layout_for.cache_info().hits == made.hits + 1  # the second message reused the first's layout
-    assert decode(one).meta == {"round": 1} and decode(two).meta == {"round": 2}
-    assert wire._checked_layout.cache_info().hits >= checked.hits + 1
+    raw = one[16 : 16 + int.from_bytes(one[8:12], "little")]
+    wire._received.pop(raw, None)
+    corrupt = bytearray(one)
+    corrupt[-1] ^= 1
+    with pytest.raises(MessageError, match="checksum"):
+        decode(bytes(corrupt))
+    assert raw not in wire._received  # a frame that fails a check leaves nothing behind
+    assert decode(one).meta == {"round": 1} and raw in wire._received
+    assert decode(two).meta == {"round": 2} and wire._checked_layout(raw) is wire._received[raw]
     assert torch.equal(decode(two).tensors["b"], t["b"])
     # the codec's settings are part of the key: changed in place, the layout follows
     codec.scheme = "channel"
@@ -310,3 +317,17 @@ def test_messages_of_one_layout_from_several_threads():
 
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(one, range(64)))
+
+
+def test_a_huge_layout_is_not_kept(monkeypatch):
+    import feddiff.compress.wire as wire
+
+    monkeypatch.setattr(wire, "_KEEP_MAX_TENSORS", 3)
+    blob = encode(Message({f"t{i}": torch.zeros(0) for i in range(4)}))
+    raw = blob[16 : 16 + int.from_bytes(blob[8:12], "little")]
+    assert len(decode(blob).tensors) == 4 and raw not in wire._received
+    blob = encode(Message({f"t{i}": torch.zeros(0) for i in range(3)}))
+    assert len(decode(blob).tensors) == 3 and blob[16 : 16 + int.from_bytes(blob[8:12], "little")] in wire._received
+    for i in range(40):  # at most _LAYOUTS are kept
+        decode(encode(Message({f"u{i}": torch.zeros(1)})))
+    assert len(wire._received) == wire._LAYOUTS

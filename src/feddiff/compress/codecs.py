@@ -526,11 +526,12 @@ def consecutive_runs(numels: list[int] | tuple[int, ...], limit: int = 4 * BLOCK
     alone). Buffers of a run's size come from the allocator's reused memory, as a clone of each tensor
     would, where one buffer for a whole state dict would be fresh pages (page faults: measured to cost as
     much as the copy itself); the wire also checksums a frame run by run as it writes it. Kept for the
-    last few layouts (every message of a run has the same)."""
-    return _runs(tuple(numels), limit)
+    last few layouts of at most 4,096 tensors (every message of a run has the same; a peer's frame cannot
+    make the cache hold more than that)."""
+    return _runs(tuple(numels), limit) if len(numels) <= 4096 else _runs.__wrapped__(tuple(numels), limit)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _runs(numels: tuple[int, ...], limit: int) -> tuple[tuple[int, int], ...]:
     runs: list[tuple[int, int]] = []
     total = 0

@@ -74,6 +74,8 @@ def quantize_affine(
     (a message's storage), returned viewed as ``x``'s shape.
     """
     flat = x.detach().reshape(-1)
+    if flat.dtype != torch.float32:
+        flat = flat.to(torch.float32)
     if out is None:
         out = torch.empty(flat.numel(), dtype=torch.uint8)
     if scale == 0.0:
@@ -82,7 +84,8 @@ def quantize_affine(
     if generator is None:  # round to nearest: numpy's chain, a pass each, the block in cache
         src, lv, work = flat.numpy(), out.numpy(), buf.numpy()
         for start, end in _spans(flat.numel(), BLOCK):
-            _levels(src[start:end], np.float32(offset), np.float32(scale), max_level, lv[start:end], work)
+            _levels(src[start:end], np.float32(offset), np.float32(scale), max_level, lv[start:end], work,
+                    lowest=True)
         return out.view(x.shape)
     for start, end in _spans(flat.numel(), BLOCK):
         v = torch.sub(flat[start:end], offset, out=buf[: end - start]).div_(scale)
@@ -91,19 +94,21 @@ def quantize_affine(
 
 
 def _levels(x: np.ndarray, offset: Any, scale: Any, max_level: int, out: np.ndarray,
-            work: np.ndarray | None = None) -> None:
+            work: np.ndarray | None = None, lowest: bool = False) -> None:
     """``out = clip(rint((x - offset) / scale), 0, max_level)``, the round-to-nearest levels of float32
     ``x`` (``work``: a float32 buffer of at least its size; else ``x`` itself is overwritten), each step
     the float32 operation torch's ``sub_``, ``div_``, ``round_`` (half to even) and ``clamp_`` make, so
-    the levels are theirs bit for bit; ``offset`` and ``scale`` may be per-element arrays;
-    ``offset`` is the min of ``x``. numpy's ufuncs write the clamped levels straight into ``out`` (their cast to uint8 is exact: integral values
+    the levels are theirs bit for bit; ``offset`` and ``scale`` may be per-element arrays.
+    ``lowest``: clamp at level 0 too; without it ``offset`` must be at most the min of ``x``. numpy's ufuncs write the clamped levels straight into ``out`` (their cast to uint8 is exact: integral values
     in range) and cost about a microsecond a call, where a torch call costs several."""
     v = x if work is None else work[: x.shape[0]]
     np.subtract(x, offset, out=v)
     np.divide(v, scale, out=v)
     np.rint(v, out=v)
-    # x >= offset (the tensor's min, a float32) makes x - offset >= +0 and so every step >= +0: the
-    # lower clamp never acts, and the upper one is a minimum (np.clip is a Python wrapper around two)
+    if lowest:
+        np.maximum(v, 0, out=v)
+    # else x >= offset (the min of the tensor, a float32) makes x - offset >= +0 and every step after it:
+    # the lower clamp would never act, and the upper one is a minimum (np.clip: a Python wrapper of both)
     np.minimum(v, max_level, out=out, casting="unsafe")
 
 

@@ -38,8 +38,10 @@ import math
 import mmap
 import operator
 import sys
+import threading
 import warnings
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +57,7 @@ _PREFIX = 16  # magic(3) + version(1) + crc32(4) + layout length(4) + meta lengt
 _ALIGN = 8
 _MAX_HEADER = 64 << 20  # a decompressed layout or meta larger than this is refused (zip bombs)
 _LAYOUTS = 16  # layouts kept by each end (a run has a few: one per codec and set of tensors)
+_KEEP_MAX_TENSORS = 1 << 14  # a received layout of more tensors is not kept (cifar10-ddpm's has 328)
 _PIECE = 8 << 20  # frames of two pieces or more have their checksum computed piece by piece as they are written
 _HUGE = 8 << 20  # frames from this size on are asked to be backed by huge pages (_advise_huge)
 _HUGE_PAGE = 2 << 20
@@ -288,22 +291,43 @@ def _layout_of(message: Message, codec: Codec) -> tuple[_Layout, list[torch.Tens
     xs = [x if x.is_cpu else x.cpu() for x in message.tensors.values()]
     names, shapes, dtypes = tuple(message.tensors), tuple(map(_SHAPE, xs)), tuple(map(_DTYPE, xs))
     try:
-        config = tuple(sorted(codec.config().items()))
+        config = tuple(sorted((k, type(v).__name__, v) for k, v in codec.config().items()))  # (True == 1)
         hash((codec, config))
     except TypeError:  # a codec with settings that cannot be a key: made each time
         return _layout_for.__wrapped__(codec, (), names, shapes, dtypes), xs
     return _layout_for(codec, config, names, shapes, dtypes), xs
 
 
-@functools.lru_cache(maxsize=_LAYOUTS)
+_received: OrderedDict[bytes, _Layout] = OrderedDict()  # layouts of frames that passed every check
+_received_lock = threading.Lock()
+
+
 def _checked_layout(raw: bytes) -> _Layout:
-    """A received layout (its compressed bytes), checked and placed; kept, by value, so that the next
-    message of the same layout costs a lookup. Raises :class:`MessageError` (not kept)."""
+    """A received layout (its compressed bytes), checked and placed: one kept by :func:`_keep` if a
+    message of it passed, else made here. Raises :class:`MessageError`."""
+    with _received_lock:
+        layout = _received.get(raw)
+        if layout is not None:
+            _received.move_to_end(raw)
+            return layout
     header = _inflate(raw, "layout")
     if not isinstance(header, dict):
         raise MessageError("malformed message layout: not a JSON object")
     groups, size = _groups_from(header)
     return _Layout(groups, [], size, raw)
+
+
+def _keep(layout: _Layout) -> None:
+    """Keep a layout once a message of it has passed every check, its checksum included (a corrupted or
+    forged frame never is), if it is of a size a run's messages have: its names and shapes stay in
+    memory, and a layout of millions of empty tensors would hold gigabytes."""
+    if sum(len(g.names) for g in layout.groups) > _KEEP_MAX_TENSORS:
+        return
+    with _received_lock:
+        _received[layout.raw] = layout
+        _received.move_to_end(layout.raw)
+        while len(_received) > _LAYOUTS:
+            _received.popitem(last=False)
 
 
 def _groups_from(header: dict[str, Any]) -> tuple[list[_Group], int]:
@@ -510,10 +534,12 @@ def decode(blob: bytes) -> Message:
     _check_crc(view, crc)
     if isinstance(result, MessageError):
         raise result
-    return result
+    message, layout = result
+    _keep(layout)
+    return message
 
 
-def _decode(view: memoryview) -> Message:
+def _decode(view: memoryview) -> tuple[Message, _Layout]:
     raw, meta, data_start = _read_header(view)
     layout = _checked_layout(raw)
     groups, size = layout.groups, layout.size
@@ -544,4 +570,4 @@ def _decode(view: memoryview) -> Message:
             # (a codec's bug must not pass for a valid message)
             raise MessageError(f"{group.blame(CodecError('decoded tensors do not match the header'))}")
         tensors.update(zip(group.names, xs))
-    return Message(tensors, meta)
+    return Message(tensors, meta), layout
