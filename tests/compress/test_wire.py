@@ -331,3 +331,14 @@ def test_a_huge_layout_is_not_kept(monkeypatch):
     for i in range(40):  # at most _LAYOUTS are kept
         decode(encode(Message({f"u{i}": torch.zeros(1)})))
     assert len(wire._received) == wire._LAYOUTS
+
+
+def test_a_setting_changed_in_place_to_an_equal_value_of_another_type_is_a_new_layout():
+    from feddiff.compress.codecs import make_codec
+
+    codec, g = make_codec("int8", stochastic_rounding=True), torch.Generator().manual_seed(0)
+    t = {"w": torch.linspace(-1, 1, 20)}
+    assert decode(encode(Message(t), codec, g)).tensors["w"].shape == (20,)
+    codec.stochastic_rounding = 1  # == True, and hashes alike: not the layout that says true
+    with pytest.raises(MessageError, match="stochastic_rounding must be true or false"):
+        decode(encode(Message(t), codec, g))
