@@ -522,6 +522,30 @@ def test_a_worker_socket_is_private_and_its_exchanges_bounded(tmp_path):
     assert not w.path.exists()
 
 
+def test_nothing_is_sent_after_the_last_byte_the_worker_reads():
+    # the worker answers as soon as it has read a message, and may close before a zero-length send
+    # of an empty record: that send failed with EPIPE, and the ClientApp took it for a lost worker
+    from feddiff.engines.flower.worker import _receive, _send
+
+    class Recorder:
+        def __init__(self):
+            self.sent = []
+
+        def sendall(self, data):
+            self.sent.append(bytes(data))
+
+    r = Recorder()
+    _send(r, {"k": 1}, [b"junk", b""])
+    assert all(r.sent) and b"".join(r.sent)[-8:] == bytes(8)  # the empty record: its length, and nothing after
+
+    import socket
+
+    a, b = socket.socketpair(socket.AF_UNIX)
+    a.sendall(b"".join(r.sent))
+    assert _receive(b, 2) == ({"k": 1}, [b"junk", b""])
+    a.close(), b.close()
+
+
 def test_workers_sharing_a_machine_take_turns(tmp_path):
     import threading
 

@@ -62,11 +62,15 @@ class WorkerError(RuntimeError):
 
 
 def _send(sock: socket.socket, header: dict[str, Any], payloads: list[bytes]) -> None:
+    """A JSON header and length-prefixed payloads. Nothing is sent after the last byte the other end
+    reads: a zero-length send after it could meet a socket the other end, done, had already closed
+    (EPIPE: a ClientApp with no record to send took a worker's quick answer for a lost worker)."""
     head = json.dumps(header).encode()
     sock.sendall(len(head).to_bytes(8, "little") + head)
     for p in payloads:
         sock.sendall(len(p).to_bytes(8, "little"))
-        sock.sendall(p)
+        if len(p):
+            sock.sendall(p)
 
 
 def _exact(sock: socket.socket, n: int) -> bytes:
