@@ -151,8 +151,8 @@ def bench_model(model: str, repeats: int) -> dict:
     for r in range(repeats):
         for label, codec in codecs.items():
             mixed[label].append(pair(tensors, codec, r + 1))
-        print(f"  mixed {r + 1}/{repeats}: " + ", ".join(f"{label} {mixed[label][-1]['ratio']:.3f}" for label in codecs),
-              flush=True)
+        print(f"  mixed {r + 1}/{repeats}: "
+              + ", ".join(f"{label} {mixed[label][-1]['ratio']:.3f}" for label in codecs), flush=True)
     alone = {label: [codec_only(tensors, codec, r + 1) for r in range(repeats)] for label, codec in codecs.items()}
 
     clone_mbs = mb / statistics.median(p["clone"] for ps in same.values() for p in ps)

@@ -68,9 +68,7 @@ from feddiff.compress.quantize import (
     pack_nibbles,
     quantize_affine,
     quantize_symmetric,
-    round_levels,
     segments,
-    store_levels,
     row_absmax,
     unpack_nibbles,
 )
@@ -368,7 +366,8 @@ class IntCodec(Codec):
                 grid[i] = affine_grid(lo, hi, self.max_level).numpy()
                 quantize_affine(xs32[0], float(grid[i, 0]), float(grid[i, 1]), self.max_level, None,
                                 out=out["q"][start : start + n])
-            elif not segments(tuple(numels[i:j])).grid_and_levels(xs32, self.max_level, grid[i:j], q[start : start + n]):
+            elif not segments(tuple(numels[i:j])).grid_and_levels(xs32, self.max_level, grid[i:j],
+                                                                  q[start : start + n]):
                 return super().encode_group(xs, out, generator)  # names the tensor and what is wrong with it
             start += n
 

@@ -99,7 +99,8 @@ def _levels(x: np.ndarray, offset: Any, scale: Any, max_level: int, out: np.ndar
     ``x`` (``work``: a float32 buffer of at least its size; else ``x`` itself is overwritten), each step
     the float32 operation torch's ``sub_``, ``div_``, ``round_`` (half to even) and ``clamp_`` make, so
     the levels are theirs bit for bit; ``offset`` and ``scale`` may be per-element arrays.
-    ``lowest``: clamp at level 0 too; without it ``offset`` must be at most the min of ``x``. numpy's ufuncs write the clamped levels straight into ``out`` (their cast to uint8 is exact: integral values
+    ``lowest``: clamp at level 0 too; without it ``offset`` must be at most the min of ``x``. numpy's
+    ufuncs write the clamped levels straight into ``out`` (their cast to uint8 is exact: integral values
     in range) and cost about a microsecond a call, where a torch call costs several."""
     v = x if work is None else work[: x.shape[0]]
     np.subtract(x, offset, out=v)

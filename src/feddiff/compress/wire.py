@@ -10,17 +10,19 @@ fields (round, counts). The layout holds the codec and its settings and the grou
 consecutive tensors of one dtype and one codec (a model's state dict is one group), each as
 ``[codec, dtype, names, shapes]``. Every message of a run has the same layout, so both ends keep the
 last few layouts they made or checked, by value (the layout's bytes): a message then costs its
-tensors, not a header of a few hundred names to write, parse and check again. A group's storage is one flat array per part of its codec (the
-identity: the tensors' values; int8: the levels, then the grids), each tensor's part after the
-previous tensor's, so the whole layout of the data section follows from the header: there are no
-offsets to trust, and a data section of any other length is refused before a byte of it is read.
-Nothing is unpickled, and the bytes are deterministic for equal inputs. The ledger counts ``len()``
-of the frame: header and padding included.
+tensors, not a header of a few hundred names to write, parse and check again.
+
+A group's storage is one flat array per part of its codec (the identity: the tensors' values; int8:
+the levels, then the grids), each tensor's part after the previous tensor's, so the whole layout of
+the data section follows from the layout: there are no offsets to trust, and a data section of any
+other length is refused before a byte of it is read. Nothing is unpickled, and the bytes are
+deterministic for equal inputs. The ledger counts ``len()`` of the frame: header and padding included.
 
 Encoding writes each group straight into the frame (one copy of the identity's bytes, the levels of
 int8 written where they travel); decoding copies a group out of the frame in runs of about 1 MiB and
-hands out views of those copies. The frame's memory is a ``bytes`` object filled in place before anyone
-sees it (``io.BytesIO`` over a fresh buffer returns it without a copy).
+hands out views of those copies. The frame's memory is a ``bytes`` object, not zeroed first, filled
+in place before anyone sees it (``io.BytesIO`` returns it without a copy): the padding is written as
+zeros and each codec writes every element of its parts.
 
 The checksum is CRC-32C (Castagnoli; hardware-accelerated, 3-4x faster than zlib's CRC-32 here, with
 the same 32-bit detection guarantees). Earlier versions (4: one header, layout and meta
@@ -406,10 +408,11 @@ def encode(message: Message, codec: Codec = IDENTITY, generator: torch.Generator
 
 def _fill(buffer: memoryview, head: bytes, n_layout: int, data_start: int,
           groups: list[tuple[_Group, list[torch.Tensor]]], generator: torch.Generator | None) -> None:
-    """Write the frame into ``buffer`` (``head``: the layout's bytes, then the meta's). A large frame's checksum is computed piece by piece on worker
-    threads as the pieces are written (:class:`.crc.Pipeline`): a group with a single part (the
-    identity's values, fp16's) is encoded in runs of about ``_PIECE`` bytes for that, which by the
-    codecs' contract (each tensor's storage after the previous one's) gives the same bytes."""
+    """Write the frame into ``buffer`` (``head``: the layout's bytes, then the meta's). A large frame's
+    checksum is computed piece by piece on worker threads as the pieces are written
+    (:class:`.crc.Pipeline`): a group with a single part (the identity's values, fp16's) is encoded in
+    runs of about ``_PIECE`` bytes for that, which by the codecs' contract (each tensor's storage after
+    the previous one's) gives the same bytes."""
     buffer[:3] = MAGIC
     buffer[3] = VERSION
     buffer[8:16] = n_layout.to_bytes(4, "little") + (len(head) - n_layout).to_bytes(4, "little")
