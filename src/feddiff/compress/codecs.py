@@ -285,13 +285,7 @@ class IntCodec(Codec):
         _check_floating(self.name, x)
         x32 = x.to(torch.float32)
         if self.scheme == "affine":
-            lo, hi = _finite_range(self.name, x32, original=x)
-            if hi - lo > _FLOAT32_MAX:  # x - min would overflow to inf
-                raise CodecError(f"{self.name}: value range [{lo:.4g}, {hi:.4g}] is wider than the float32 "
-                                 "maximum; scheme='affine' cannot represent it (scheme='channel' can)")
-            grid = affine_grid(lo, hi, self.max_level)
-            offset, scale = grid.tolist()  # the float32 values that travel, so both ends agree
-            q = quantize_affine(x32, offset, scale, self.max_level, g)
+            q, grid = self._affine(x32, x, g)
             return {"q": self._store(q, signed=False), "affine": grid}, {}
         rows = _rows_view(x32)
         absmax = row_absmax(rows)
@@ -299,6 +293,18 @@ class IntCodec(Codec):
             raise _nonfinite_error(self.name, x)
         q = quantize_symmetric(rows, absmax, self.max_level, g).reshape(x.shape)
         return {"q": self._store(q, signed=True), "absmax": absmax}, {}
+
+    def _affine(self, x32: torch.Tensor, original: torch.Tensor, generator: torch.Generator | None,
+                out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(levels, float32 grid ``[offset, scale]``) of the float32 ``x32`` on its affine grid (the levels
+        into ``out`` if given); CodecError, naming ``original``'s values, if it cannot have one."""
+        lo, hi = _finite_range(self.name, x32, original=original)
+        if hi - lo > _FLOAT32_MAX:  # x - min would overflow to inf
+            raise CodecError(f"{self.name}: value range [{lo:.4g}, {hi:.4g}] is wider than the float32 "
+                             "maximum; scheme='affine' cannot represent it (scheme='channel' can)")
+        grid = affine_grid(lo, hi, self.max_level)
+        offset, scale = grid.tolist()  # the float32 values that travel, so both ends agree
+        return quantize_affine(x32, offset, scale, self.max_level, generator, out=out), grid
 
     def decode(self, storage: Storage, params: dict[str, Any], shape: list[int], dtype: torch.dtype) -> torch.Tensor:
         shape = _check_header(self.name, params, shape, dtype)
@@ -360,12 +366,10 @@ class IntCodec(Codec):
             xs32 = [x if x.dtype == torch.float32 else x.to(torch.float32) for x in xs[i:j]]
             n = sum(numels[i:j])
             if j - i == 1 and n > BLOCK:  # alone in its run: block by block, with the per-tensor code
-                lo, hi = (float(e) + 0.0 for e in torch.aminmax(xs32[0]))  # (+0.0: the sign of a zero, as below)
-                if not (math.isfinite(lo) and math.isfinite(hi) and hi - lo <= _FLOAT32_MAX):
+                try:
+                    grid[i] = self._affine(xs32[0], xs[i], None, out=out["q"][start : start + n])[1].numpy()
+                except CodecError:
                     return super().encode_group(xs, out, generator)  # names the tensor and what is wrong with it
-                grid[i] = affine_grid(lo, hi, self.max_level).numpy()
-                quantize_affine(xs32[0], float(grid[i, 0]), float(grid[i, 1]), self.max_level, None,
-                                out=out["q"][start : start + n])
             elif not segments(tuple(numels[i:j])).grid_and_levels(xs32, self.max_level, grid[i:j],
                                                                   q[start : start + n]):
                 return super().encode_group(xs, out, generator)  # names the tensor and what is wrong with it

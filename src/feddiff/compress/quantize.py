@@ -23,8 +23,8 @@ traffic); blocks made int8 encode of a 134 MB tensor 2.5x faster, about a plain 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch

@@ -44,6 +44,7 @@ import threading
 import warnings
 import zlib
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,19 +123,11 @@ def pack_frame(header: dict[str, Any], data: bytes | memoryview = b"") -> bytes:
 def unpack_frame(blob: bytes) -> tuple[dict[str, Any], memoryview]:
     """Check a frame (checksum included) and return (header: the layout with the ``meta``, data section);
     raises :class:`MessageError`."""
-    view, crc = _open(blob)
-    try:
-        result: Any = _read_header(view)
-        layout = _inflate(result[0], "layout")
-        if not isinstance(layout, dict):
-            raise MessageError("malformed message layout: not a JSON object")
-    except MessageError as err:
-        result = err
-    _check_crc(view, crc)
-    if isinstance(result, MessageError):
-        raise result
-    _, meta, data_start = result
-    return {**layout, "meta": meta}, view[data_start:]
+    def read(view: memoryview) -> tuple[dict[str, Any], memoryview]:
+        raw, meta, data_start = _read_header(view)
+        return {**_layout_header(raw), "meta": meta}, view[data_start:]
+
+    return _checked_read(blob, read)
 
 
 def read_parts(blob: bytes) -> tuple[dict[str, Any], list[dict[str, torch.Tensor]]]:
@@ -198,6 +191,24 @@ def _open(blob: bytes) -> tuple[memoryview, Any]:
 def _check_crc(view: memoryview, crc: Any) -> None:
     if crc.result() != int.from_bytes(view[4:8], "little"):
         raise MessageError(f"message checksum mismatch ({len(view)} bytes): truncated or corrupted")
+
+
+def _checked_read(blob: bytes, read: Any) -> Any:
+    """``read(view)`` of the frame, returned only if the checksum matches: the checksum is computed
+    (on worker threads for large frames) while ``read`` runs, and a corrupted frame is always named as
+    one, whatever else ``read`` found wrong with it."""
+    view, crc = _open(blob)
+    try:
+        result: Any = read(view)
+    except MessageError as err:
+        result = err
+    except BaseException:  # MemoryError, KeyboardInterrupt: stop the checksum reading the caller's buffer
+        crc.cancel()
+        raise
+    _check_crc(view, crc)
+    if isinstance(result, MessageError):
+        raise result
+    return result
 
 
 def _read_header(view: memoryview) -> tuple[bytes, dict[str, Any], int]:
@@ -312,11 +323,15 @@ def _checked_layout(raw: bytes) -> _Layout:
         if layout is not None:
             _received.move_to_end(raw)
             return layout
+    groups, size = _groups_from(_layout_header(raw))
+    return _Layout(groups, [], size, raw)
+
+
+def _layout_header(raw: bytes) -> dict[str, Any]:
     header = _inflate(raw, "layout")
     if not isinstance(header, dict):
         raise MessageError("malformed message layout: not a JSON object")
-    groups, size = _groups_from(header)
-    return _Layout(groups, [], size, raw)
+    return header
 
 
 def _keep(layout: _Layout) -> None:
@@ -417,7 +432,9 @@ def _fill(buffer: memoryview, head: bytes, n_layout: int, data_start: int,
     buffer[3] = VERSION
     buffer[8:16] = n_layout.to_bytes(4, "little") + (len(head) - n_layout).to_bytes(4, "little")
     buffer[_PREFIX : _PREFIX + len(head)] = head
-    _zero_padding(buffer, _PREFIX + len(head), data_start, groups)
+    buffer[_PREFIX + len(head) : data_start] = bytes(data_start - _PREFIX - len(head))
+    for start, end in _gaps([g for g, _ in groups], len(buffer) - data_start):
+        buffer[data_start + start : data_start + end] = bytes(end - start)
     pipelined = len(buffer) >= _PIECE * 2
     crc = Pipeline("crc32c") if pipelined else None
     done = 8  # the checksum covers buffer[8:], handed to `crc` in order as it is written
@@ -449,17 +466,17 @@ def _fill(buffer: memoryview, head: bytes, n_layout: int, data_start: int,
         data = None
 
 
-def _zero_padding(buffer: memoryview, head_end: int, data_start: int,
-                  groups: list[tuple[_Group, list[torch.Tensor]]]) -> None:
-    """Zero the bytes of a fresh frame that no codec writes: after the header, and between and after
-    the parts (codecs write every byte of their parts: :meth:`.Codec.encode_group` checks)."""
-    buffer[head_end:data_start] = bytes(data_start - head_end)
+def _gaps(groups: list[_Group], size: int) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of the padding of a data section of ``size`` bytes: between and after the parts,
+    the bytes no codec writes (an encoder writes them as zeros, a decoder refuses anything else)."""
     end = 0
-    for group, _ in groups:
+    for group in groups:
         for _, offset, nbytes in group.parts.values():
-            buffer[data_start + end : data_start + offset] = bytes(offset - end)
+            if offset > end:
+                yield end, offset
             end = offset + nbytes
-    buffer[data_start + end :] = bytes(len(buffer) - data_start - end)
+    if size > end:
+        yield end, size
 
 
 def _uninitialized(n: int) -> bytes:
@@ -526,18 +543,7 @@ def decode(blob: bytes) -> Message:
     tensors out; nothing is returned, and no other error is reported, unless the checksum matches
     (a corrupted frame is always named as one).
     """
-    view, crc = _open(blob)
-    try:
-        result: Any = _decode(view)
-    except MessageError as err:
-        result = err
-    except BaseException:  # MemoryError, KeyboardInterrupt: stop the checksum reading the caller's buffer
-        crc.cancel()
-        raise
-    _check_crc(view, crc)
-    if isinstance(result, MessageError):
-        raise result
-    message, layout = result
+    message, layout = _checked_read(blob, _decode)
     _keep(layout)
     return message
 
@@ -549,14 +555,10 @@ def _decode(view: memoryview) -> tuple[Message, _Layout]:
     if len(view) - data_start != size:
         raise MessageError(f"the data section is {len(view) - data_start} bytes; the header's groups need {size}")
     tensors: StateDict = {}
-    end = 0
-    for group in groups:  # padding is zero: one frame per message, nothing carried beside the parts
-        for _, offset, nbytes in group.parts.values():
-            if any(view[data_start + end : data_start + offset]):
-                raise MessageError(f"nonzero padding before byte {offset} of the data section")
-            end = offset + nbytes
-    if any(view[data_start + end :]):
-        raise MessageError(f"nonzero padding after byte {end} of the data section")
+    for start, end in _gaps(groups, size):  # padding is zero: one frame per message, nothing beside the parts
+        if any(view[data_start + start : data_start + end]):
+            raise MessageError(f"nonzero padding before byte {end} of the data section" if end < size else
+                               f"nonzero padding after byte {start} of the data section")
     if size:  # the frame is read-only (torch's warning is spent at import): codecs only read it, and copy out
         data = torch.frombuffer(view, dtype=torch.uint8, offset=data_start)
     for group in groups:
