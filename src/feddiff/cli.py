@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(its message expires then); default: wait")
     p.add_argument("--no-workers", action="store_true",
                    help="no warm worker beside each SuperNode: every message's ClientApp imports torch and "
-                        "rebuilds its client (the same results; on 2 cores, 1.65x the simulator's round time instead of 1.3x)")
+                        "rebuilds its client (the same results; measured on 2 cores: 1.6-1.8x the simulator's round "
+                        "time instead of 1.3x)")
     _add_set(p)
 
     p = sub.add_parser("flower-worker", help="a node's warm worker, beside its Flower SuperNode (docs/flower.md)")
