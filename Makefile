@@ -22,7 +22,7 @@ test: setup flower data browser
 setup: $(STAMP)
 
 # torch first (the local CPU wheel), then everything else under a constraint that keeps it at 2.13.0.
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt setup.py src/feddiff/compress/_copycrc.c
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "feddiff needs Python >= 3.11, found " + sys.version.split()[0])'
 	@if [ ! -x $(VPY) ]; then \
 	  $(PYTHON) -m venv $(VENV) || { \

@@ -94,6 +94,9 @@ class Codec:
 
     name: ClassVar[str] = "identity"
     lossy: ClassVar[bool] = False
+    # True: a group's storage is one part, "", holding the tensors' own bytes one after another (the
+    # identity). The wire then copies them into and out of the frame itself, checksum fused in (crc.Running).
+    verbatim: ClassVar[bool] = False
     settings: ClassVar[tuple[str, ...]] = ()  # constructor keywords, echoed by config()
 
     def config(self) -> dict[str, Any]:
@@ -193,6 +196,8 @@ class Codec:
 class IdentityCodec(Codec):
     """The identity with group operations of one copy each: a concatenation and a clone."""
 
+    verbatim = True
+
     def group_layout(self, shapes: list[list[int]], numels: list[int],
                      dtype: torch.dtype) -> dict[str, tuple[torch.dtype, list[int]]]:
         return {"": (dtype, list(numels))}
@@ -204,7 +209,7 @@ class IdentityCodec(Codec):
                      dtype: torch.dtype) -> list[torch.Tensor]:
         if dtype == torch.bool and raw[""].numel() and int(raw[""].max()) > 1:
             raise CodecError(f"identity: a bool tensor holds the byte {int(raw[''].max())}; bools are 0 or 1")
-        return _copy_out(raw[""], dtype, shapes, numels, lambda stored: stored.clone())
+        return copy_out(raw[""], dtype, shapes, numels, lambda stored: stored.clone())
 
 
 class HalfCodec(Codec):
@@ -241,7 +246,7 @@ class HalfCodec(Codec):
     def decode_group(self, raw: Storage, shapes: list[list[int]], numels: list[int],
                      dtype: torch.dtype) -> list[torch.Tensor]:
         _check_header(self.name, {}, [], dtype)
-        return _copy_out(raw[""], self.storage_dtype, shapes, numels,
+        return copy_out(raw[""], self.storage_dtype, shapes, numels,
                          lambda stored: stored.to(dtype) if dtype != self.storage_dtype else stored.clone())
 
 
@@ -559,7 +564,7 @@ def shaped(flats: tuple[torch.Tensor, ...] | list[torch.Tensor], shapes: list[li
     return [v if len(shape) == 1 else v.view(shape) for v, shape in zip(flats, shapes)]
 
 
-def _copy_out(raw: torch.Tensor, stored: torch.dtype, shapes: list[list[int]], numels: list[int],
+def copy_out(raw: torch.Tensor, stored: torch.dtype, shapes: list[list[int]], numels: list[int],
               convert: Any) -> list[torch.Tensor]:
     """Tensors of ``shapes`` from ``raw`` (the frame's bytes of values stored as ``stored``), copied out of
     the frame run by run with ``convert`` (which must return new memory), as views of each run's copy."""

@@ -50,8 +50,9 @@ from typing import Any
 
 import torch
 
-from feddiff.compress.codecs import IDENTITY, Codec, CodecError, TensorError, consecutive_runs, make_codec
-from feddiff.compress.crc import Pipeline, crc32c_async
+from feddiff.compress import crc as _crc
+from feddiff.compress.codecs import IDENTITY, Codec, CodecError, TensorError, consecutive_runs, copy_out, make_codec
+from feddiff.compress.crc import Pipeline, Running, crc32c_async
 from feddiff.types import StateDict
 
 MAGIC = b"FDM"
@@ -123,7 +124,7 @@ def pack_frame(header: dict[str, Any], data: bytes | memoryview = b"") -> bytes:
 def unpack_frame(blob: bytes) -> tuple[dict[str, Any], memoryview]:
     """Check a frame (checksum included) and return (header: the layout with the ``meta``, data section);
     raises :class:`MessageError`."""
-    def read(view: memoryview) -> tuple[dict[str, Any], memoryview]:
+    def read(view: memoryview, _crc: Any) -> tuple[dict[str, Any], memoryview]:
         raw, meta, data_start = _read_header(view)
         return {**_layout_header(raw), "meta": meta}, view[data_start:]
 
@@ -176,8 +177,10 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def _open(blob: bytes) -> tuple[memoryview, Any]:
-    """The blob as a memoryview after the cheap checks, and its checksum, being computed on worker threads."""
+def _open(blob: bytes, fused: bool = False) -> tuple[memoryview, Any]:
+    """The blob as a memoryview after the cheap checks, and its checksum: being computed on worker threads
+    (a large frame), here and now, or (``fused``, a frame under ``_CRC_BESIDE``) as the reader copies
+    the frame out (:class:`.crc.Running`)."""
     view = memoryview(blob)
     if view.ndim != 1 or view.itemsize != 1:
         view = view.cast("B")
@@ -185,6 +188,8 @@ def _open(blob: bytes) -> tuple[memoryview, Any]:
         raise MessageError(f"not a feddiff message ({len(view)} bytes, starts {bytes(view[:4])!r})")
     if view[3] != VERSION:
         raise MessageError(f"message format version {view[3]} is not supported (expected {VERSION})")
+    if fused and _crc.FUSED and len(view) < _CRC_BESIDE:
+        return view, Running(view, 8)
     return view, crc32c_async([view[8:]], background=_CRC_BESIDE)
 
 
@@ -193,13 +198,14 @@ def _check_crc(view: memoryview, crc: Any) -> None:
         raise MessageError(f"message checksum mismatch ({len(view)} bytes): truncated or corrupted")
 
 
-def _checked_read(blob: bytes, read: Any) -> Any:
-    """``read(view)`` of the frame, returned only if the checksum matches: the checksum is computed
-    (on worker threads for large frames) while ``read`` runs, and a corrupted frame is always named as
-    one, whatever else ``read`` found wrong with it."""
-    view, crc = _open(blob)
+def _checked_read(blob: bytes, read: Any, fused: bool = False) -> Any:
+    """``read(view, checksum)`` of the frame, returned only if the checksum matches: the checksum is
+    computed (on worker threads for large frames; ``fused``: by ``read``'s copies as it goes, the rest
+    after it) while ``read`` runs, and a corrupted frame is always named as one, whatever else ``read``
+    found wrong with it."""
+    view, crc = _open(blob, fused)
     try:
-        result: Any = read(view)
+        result: Any = read(view, crc)
     except MessageError as err:
         result = err
     except BaseException:  # MemoryError, KeyboardInterrupt: stop the checksum reading the caller's buffer
@@ -437,10 +443,14 @@ def _fill(buffer: memoryview, head: bytes, n_layout: int, data_start: int,
         buffer[data_start + start : data_start + end] = bytes(end - start)
     pipelined = len(buffer) >= _PIECE * 2
     crc = Pipeline("crc32c") if pipelined else None
+    running = Running(buffer, 8) if _crc.FUSED and not pipelined else None  # (the identity's copies fused)
     done = 8  # the checksum covers buffer[8:], handed to `crc` in order as it is written
     try:
         data = torch.frombuffer(buffer, dtype=torch.uint8, offset=data_start) if len(buffer) > data_start else None
         for group, xs in groups:
+            if running is not None and _verbatim(group) and _gather(running, data_start + group.parts[""][1],
+                                                                    group.parts[""][2], xs):
+                continue
             ((suffix, (dtype, offset, nbytes)),) = group.parts.items() if len(group.parts) == 1 else ((None, (0, 0, 0)),)
             # (one part whose elements are the tensors' own, one each: the identity's, fp16's, bf16's)
             if pipelined and suffix is not None and nbytes >= _PIECE * 2 and sum(group.numels) * dtype.itemsize == nbytes:
@@ -453,7 +463,9 @@ def _fill(buffer: memoryview, head: bytes, n_layout: int, data_start: int,
             else:
                 _encode(group, xs, {s: data[o : o + n].view(dt) if n else torch.empty(0, dtype=dt)
                                     for s, (dt, o, n) in group.parts.items()}, generator)
-        if crc is None:  # written in one go: checked in one go (on threads if large: crc.py)
+        if running is not None:  # checked as written where fused, the rest now
+            buffer[4:8] = running.result().to_bytes(4, "little")
+        elif crc is None:  # written in one go: checked in one go (on threads if large: crc.py)
             buffer[4:8] = crc32c_async([buffer[8:]]).result().to_bytes(4, "little")
         else:
             crc.add(buffer[done:])
@@ -543,12 +555,12 @@ def decode(blob: bytes) -> Message:
     tensors out; nothing is returned, and no other error is reported, unless the checksum matches
     (a corrupted frame is always named as one).
     """
-    message, layout = _checked_read(blob, _decode)
+    message, layout = _checked_read(blob, _decode, fused=True)
     _keep(layout)
     return message
 
 
-def _decode(view: memoryview) -> tuple[Message, _Layout]:
+def _decode(view: memoryview, crc: Any) -> tuple[Message, _Layout]:
     raw, meta, data_start = _read_header(view)
     layout = _checked_layout(raw)
     groups, size = layout.groups, layout.size
@@ -561,11 +573,15 @@ def _decode(view: memoryview) -> tuple[Message, _Layout]:
                                f"nonzero padding after byte {start} of the data section")
     if size:  # the frame is read-only (torch's warning is spent at import): codecs only read it, and copy out
         data = torch.frombuffer(view, dtype=torch.uint8, offset=data_start)
+    copy = _fused_copy(crc, data.data_ptr() - data_start) if size and isinstance(crc, Running) else None
     for group in groups:
         raw = {s: data[o : o + n] for s, (_, o, n) in group.parts.items()} if size else \
             {s: torch.empty(0, dtype=torch.uint8) for s in group.parts}
         try:
-            xs = group.codec.decode_group(raw, group.shapes, group.numels, group.dtype)
+            if copy is not None and _verbatim(group):  # the identity's bytes: copied out, checked on the way
+                xs = copy_out(raw[""], group.dtype, group.shapes, group.numels, copy)
+            else:
+                xs = group.codec.decode_group(raw, group.shapes, group.numels, group.dtype)
         except CodecError as err:
             raise MessageError(group.blame(err)) from None
         except (RuntimeError, ValueError, TypeError) as err:  # a codec's bug must not pass for a valid message
@@ -576,3 +592,39 @@ def _decode(view: memoryview) -> tuple[Message, _Layout]:
             raise MessageError(f"{group.blame(CodecError('decoded tensors do not match the header'))}")
         tensors.update(zip(group.names, xs))
     return Message(tensors, meta), layout
+
+
+def _verbatim(group: _Group) -> bool:
+    """Whether the group's one part holds its tensors' own bytes, in order (the identity's; bools go
+    through the codec, which checks that each byte is 0 or 1)."""
+    if not group.codec.verbatim or group.dtype is torch.bool or len(group.parts) != 1:
+        return False
+    dtype, _, nbytes = group.parts[""] if "" in group.parts else (None, 0, -1)
+    return dtype is group.dtype and nbytes == sum(group.numels) * _ITEMSIZE[dtype]
+
+
+def _gather(running: Running, start: int, nbytes: int, xs: list[torch.Tensor]) -> bool:
+    """Write the tensors' bytes, one after another, into the frame from ``start`` (``nbytes`` in all),
+    checksum fused in; False, with nothing written, for tensors without plain memory of their own
+    (sparse ones, say): the codec's path takes them and says what is wrong."""
+    try:
+        xs = [x.resolve_neg().contiguous() if x.is_neg() or not x.is_contiguous() else x for x in xs]
+        pieces = [(x.data_ptr(), x.nbytes) for x in xs]
+    except RuntimeError:
+        return False
+    if sum(n for _, n in pieces) != nbytes:
+        return False
+    running.gather(start, pieces)
+    return True
+
+
+def _fused_copy(crc: Running, base: int) -> Any:
+    """``convert`` for :func:`.codecs.copy_out`: a new tensor of the frame's values ``stored`` (a view of
+    the frame, whose first byte is at address ``base``), copied out with the checksum computed on the
+    way where the copies come in order (else a plain copy: its bytes are checked by ``crc`` anyway)."""
+    def copy(stored: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(stored)
+        if out.numel() and crc.copy_out(stored.data_ptr() - base, out.view(torch.uint8).numpy()):
+            return out
+        return out.copy_(stored)
+    return copy
