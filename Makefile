@@ -32,6 +32,7 @@ $(STAMP): pyproject.toml constraints.txt setup.py src/feddiff/compress/_copycrc.
 	fi
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==2.13.0
+	@rm -f src/feddiff/compress/_copycrc.*.so  # (a failed rebuild of the optional extension must not leave the old one)
 	$(VPY) -m pip install -q -c constraints.txt -e ".[test]"
 	@$(VPY) -c 'import torch; assert torch.__version__.startswith("2.13.0"), torch.__version__'
 	@touch $@

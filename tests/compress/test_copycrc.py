@@ -13,18 +13,23 @@ from feddiff.compress import crc, wire
 from feddiff.compress.codecs import make_codec
 from feddiff.compress.wire import Message, MessageError, decode, encode
 
-native = pytest.importorskip("feddiff.compress._copycrc", reason="built without a C compiler")
-needs_cpu = pytest.mark.skipif(not native.hardware, reason="this CPU lacks SSE4.2/AVX2")
+try:
+    from feddiff.compress import _copycrc as native
+except ImportError:  # built without a C compiler: the tests of the extension itself skip, the others run
+    native = None
+needs_cpu = pytest.mark.skipif(native is None or not native.hardware, reason="not built, or the CPU lacks SSE4.2/AVX2")
 
 
 def test_it_is_built_and_on_where_the_cpu_has_the_instructions():
     # a silent build failure (setup.py's extension is optional) would leave the fused path untested
-    if platform.machine() != "x86_64" or os.environ.get("FEDDIFF_COPYCRC") == "0":
-        pytest.skip("not x86-64, or turned off")
+    if platform.machine() != "x86_64" or not os.path.exists("/proc/cpuinfo") or os.environ.get("FEDDIFF_COPYCRC") == "0":
+        pytest.skip("not x86-64 Linux, or turned off")
     flags = open("/proc/cpuinfo").read()
     if " sse4_2" not in flags or " avx2" not in flags:
         pytest.skip("this CPU lacks SSE4.2/AVX2")
-    assert native.hardware == 1 and crc.FUSED
+    from feddiff.compress import _copycrc  # an ImportError here: setup.py did not build it (no gcc? no Python.h?)
+
+    assert _copycrc.hardware == 1 and crc.FUSED
 
 
 @needs_cpu
@@ -63,8 +68,9 @@ def test_gather_writes_the_pieces_one_after_another():
 def test_gather_refuses_what_does_not_fit_before_writing():
     x = torch.arange(4, dtype=torch.int32)
     dst = bytearray(20)
-    for args, error, match in [((dst, 5, [(x.data_ptr(), 16)]), ValueError, "16 bytes from offset 5 do not fit in 20"),
-                               ((dst, -1, []), ValueError, "from offset -1"),
+    for args, error, match in [((dst, 5, [(x.data_ptr(), 16)]), ValueError, r"pieces from offset 5 do not fit in 20 \(piece 0: 16 bytes after 0\)"),
+                               ((dst, -1, []), ValueError, "offset -1 is outside dst's 20 bytes"),
+                               ((dst, 21, []), ValueError, "offset 21 is outside"),
                                ((dst, 0, [(x.data_ptr(), -1)]), ValueError, "piece 0 has size -1"),
                                ((dst, 0, [(0, 4)]), ValueError, "piece 0 has size 4"),
                                ((dst, 0, [(x.data_ptr(),)]), TypeError, "piece 0 is not an"),
@@ -96,18 +102,24 @@ def test_running_checks_what_lies_between_and_only_goes_forward(monkeypatch):
     assert not crc.Running(memoryview(frame)).copy_out(0, bytearray(1))
 
 
-def message():
+def message(big: int = 5000):
     g = torch.Generator().manual_seed(3)
     odd = torch.randn(6, 5, generator=g)
+    ints = torch.randint(-100, 100, (9,), generator=g)
     return Message({"a": torch.randn(4, 3, generator=g), "n": torch.arange(7), "t": odd.t(),  # not contiguous
                     "neg": torch._neg_view(torch.randn(5, generator=g)), "e": torch.zeros(0, 2),
+                    "zero": torch._efficientzerotensor(4),  # (no memory of its own: data_ptr() is 0)
                     "h": torch.randn(3, dtype=torch.float64, generator=g), "b": torch.tensor([True, False]),
-                    "big": torch.randn(5000, generator=g)}, {"round": 2})
+                    "bf": torch.randn(7, generator=g).to(torch.bfloat16), "i8": ints.to(torch.int8),
+                    "u8": ints.abs().to(torch.uint8), "i16": ints.to(torch.int16), "i32": ints.to(torch.int32),
+                    "big": torch.randn(big, generator=g)}, {"round": 2})
 
 
-@pytest.mark.parametrize("codec", ["identity", "fp16", "int8"])
-def test_fused_frames_are_the_two_pass_frames(monkeypatch, codec):
-    m = message()
+@pytest.mark.parametrize("codec, size", [("identity", "small"), ("fp16", "small"), ("int8", "small"),
+                                         ("identity", "12 MiB"), ("identity", "17 MiB")])
+def test_fused_frames_are_the_two_pass_frames(monkeypatch, codec, size):
+    # (12 MiB: fused on encode, the checksum on a thread beside the decode; 17 MiB: neither, pipelined)
+    m = message({"small": 5000, "12 MiB": 3 << 20, "17 MiB": 17 << 18}[size])
     monkeypatch.setattr(crc, "FUSED", False)
     plain = encode(m, make_codec(codec))
     want = decode(plain).tensors
@@ -119,6 +131,37 @@ def test_fused_frames_are_the_two_pass_frames(monkeypatch, codec):
     if codec == "identity":
         assert all(torch.equal(got[k], m.tensors[k]) for k in m.tensors)
         assert not any(got[k].data_ptr() == m.tensors[k].data_ptr() for k in m.tensors if m.tensors[k].numel())
+
+
+def test_decoded_tensors_are_not_views_of_the_frame():
+    m = message()
+    frame = bytearray(encode(m))
+    got = decode(frame).tensors  # (a writable frame: a view of it would change with it)
+    frame[16:] = bytes(len(frame) - 16)
+    assert all(torch.equal(got[k], m.tensors[k]) for k in m.tensors)
+
+
+@needs_cpu
+def test_a_tensor_written_while_it_is_sent_still_gives_frames_that_check(monkeypatch):
+    # the checksum is of the bytes written into the frame: a tensor that another thread changes while it
+    # is copied gives a frame of mixed values, but never one that fails its own checksum
+    import threading
+
+    x = torch.zeros(1 << 18)
+    stop = threading.Event()
+
+    def writer():
+        while not stop.is_set():
+            x.add_(1)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for _ in range(1500):
+            decode(encode(Message({"x": x})))  # raises "checksum mismatch" if the CRC read other bytes
+    finally:
+        stop.set()
+        thread.join()
 
 
 @needs_cpu
@@ -184,3 +227,26 @@ def test_with_fused_copies_off_nothing_changes_but_the_passes(monkeypatch):
     assert wire.decode(blob).meta == {"round": 2}
     with pytest.raises(RuntimeError, match="fused copies are off"):
         crc.Running(memoryview(bytearray(8))).gather(0, [])
+
+
+@needs_cpu
+def test_gather_sizes_that_overflow_when_added_are_refused():
+    # sizes whose sum wraps around to a small number must not pass the bounds check (it wrote past dst)
+    x = torch.zeros(2)
+    dst = bytearray(8)
+    huge = (1 << 63) - 1
+    with pytest.raises(ValueError, match="do not fit in 8"):
+        native.gather(dst, 0, [(x.data_ptr(), huge), (x.data_ptr(), huge), (x.data_ptr(), 2)])
+    with pytest.raises(ValueError, match="do not fit in 8"):
+        native.gather(dst, 0, [(x.data_ptr(), 4), (x.data_ptr(), huge)])
+    with pytest.raises(ValueError, match="do not fit in 8"):
+        native.gather(dst, 4, [(x.data_ptr(), 8)])
+    assert dst == bytearray(8)
+
+
+@needs_cpu
+def test_a_crc_beyond_32_bits_is_refused():
+    with pytest.raises(OverflowError, match="32-bit"):
+        native.copy(bytearray(1), b"a", (1 << 32) + 5)
+    with pytest.raises(OverflowError):
+        native.copy(bytearray(1), b"a", -1)

@@ -1,10 +1,10 @@
 /* Copy bytes and compute their CRC-32C in the same pass (feddiff.compress._copycrc).
  *
  * The wire frames' two costs are a copy (tensors into the frame, the frame out to tensors) and the
- * CRC-32C of the same bytes. Done apart, the bytes are read twice; here each 8-byte word is loaded
- * once, stored and fed to the CPU's CRC-32C instruction (SSE4.2), on three interleaved lanes so that
- * the instruction's latency is hidden (the lanes' CRCs are joined with the zero-shift operator, as
- * zlib's crc32_combine does). The results equal the `crc32c` package's: crc32c(data, value).
+ * CRC-32C of the same bytes. Done apart, the bytes are read from memory twice; here once: each 32 bytes
+ * are loaded and stored, and their four 8-byte words (read back from L1) are fed to the CPU's CRC-32C
+ * instruction (SSE4.2), on three interleaved lanes so that the instruction's latency is hidden (the
+ * lanes' CRCs are joined with the zero-shift operator, as zlib's crc32_combine does). The results equal the `crc32c` package's: crc32c(data, value).
  *
  * x86-64 with SSE4.2 and AVX2 only (checked at import: `hardware`); elsewhere the module imports with
  * hardware = 0 and feddiff uses the separate copy and the `crc32c` package. Built by setup.py as an
@@ -13,6 +13,7 @@
  *     copy(dst, src, crc=0) -> int        dst (writable) and src: buffers of one length
  *     gather(dst, offset, pieces, crc=0)  pieces: (address, size) of memory the caller keeps alive,
  *                                         written one after another into dst from offset
+ * The CRC is of the bytes as written to dst. The memory written must not overlap the memory read.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -77,15 +78,17 @@ __attribute__((target("sse4.2,avx2"))) static uint32_t copy_crc(uint32_t crc, un
         const unsigned char *s0 = s, *s1 = s + LANE, *s2 = s + 2 * LANE;
         unsigned char *d0 = d, *d1 = d + LANE, *d2 = d + 2 * LANE;
         for (size_t i = 0; i < LANE; i += 32) {
-            /* one 32-byte store per lane (8-byte stores were 20% slower), four CRC steps from the loads */
+            /* one 32-byte store per lane (8-byte stores were 20% slower), then four CRC steps over what was
+             * stored, read back from L1: the checksum is of the bytes written, even if the source changes
+             * meanwhile (another thread writing a tensor being sent) */
             _mm256_storeu_si256((__m256i *)(d0 + i), _mm256_loadu_si256((const __m256i *)(s0 + i)));
             _mm256_storeu_si256((__m256i *)(d1 + i), _mm256_loadu_si256((const __m256i *)(s1 + i)));
             _mm256_storeu_si256((__m256i *)(d2 + i), _mm256_loadu_si256((const __m256i *)(s2 + i)));
             for (int k = 0; k < 32; k += 8) {
                 uint64_t w0, w1, w2;
-                memcpy(&w0, s0 + i + k, 8);
-                memcpy(&w1, s1 + i + k, 8);
-                memcpy(&w2, s2 + i + k, 8);
+                memcpy(&w0, d0 + i + k, 8);
+                memcpy(&w1, d1 + i + k, 8);
+                memcpy(&w2, d2 + i + k, 8);
                 a = _mm_crc32_u64(a, w0);
                 b = _mm_crc32_u64(b, w1);
                 c = _mm_crc32_u64(c, w2);
@@ -102,16 +105,28 @@ static void make_lane_shift(void) {
 }
 #endif
 
+/* crc: a Python int of 32 bits (the CRC so far), else OverflowError. */
+static int crc_arg(PyObject *obj, void *out) {
+    unsigned long value = PyLong_AsUnsignedLong(obj);
+    if (value == (unsigned long)-1 && PyErr_Occurred()) return 0;
+    if (value > 0xFFFFFFFFul) {
+        PyErr_SetString(PyExc_OverflowError, "crc must be a 32-bit unsigned value");
+        return 0;
+    }
+    *(uint32_t *)out = (uint32_t)value;
+    return 1;
+}
+
 static PyObject *not_here(void) {
     PyErr_SetString(PyExc_RuntimeError, "_copycrc: this CPU lacks SSE4.2/AVX2 (check `hardware` first)");
     return NULL;
 }
 
-static PyObject *copy(PyObject *self, PyObject *args) {
+static PyObject *copy(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer dst, src;
-    unsigned int value = 0;
+    uint32_t value = 0;
     if (!hardware) return not_here();
-    if (!PyArg_ParseTuple(args, "w*y*|I:copy", &dst, &src, &value)) return NULL;
+    if (!PyArg_ParseTuple(args, "w*y*|O&:copy", &dst, &src, crc_arg, &value)) return NULL;
     if (dst.len != src.len) {
         PyErr_Format(PyExc_ValueError, "copy: dst has %zd bytes, src %zd; they must be equal", dst.len, src.len);
         PyBuffer_Release(&dst);
@@ -129,15 +144,19 @@ static PyObject *copy(PyObject *self, PyObject *args) {
     return PyLong_FromUnsignedLong(~crc);
 }
 
-static PyObject *gather(PyObject *self, PyObject *args) {
+static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer dst;
     PyObject *pieces, *fast = NULL, *result = NULL;
     Py_ssize_t offset, count, total = 0;
-    unsigned int value = 0;
+    uint32_t value = 0;
     uintptr_t *address = NULL;
     size_t *size = NULL;
     if (!hardware) return not_here();
-    if (!PyArg_ParseTuple(args, "w*nO|I:gather", &dst, &offset, &pieces, &value)) return NULL;
+    if (!PyArg_ParseTuple(args, "w*nO|O&:gather", &dst, &offset, &pieces, crc_arg, &value)) return NULL;
+    if (offset < 0 || offset > dst.len) {
+        PyErr_Format(PyExc_ValueError, "gather: offset %zd is outside dst's %zd bytes", offset, dst.len);
+        goto done;
+    }
     if (!(fast = PySequence_Fast(pieces, "gather: pieces must be a sequence of (address, size)"))) goto done;
     count = PySequence_Fast_GET_SIZE(fast);
     address = PyMem_Malloc(sizeof(*address) * (size_t)(count ? count : 1));
@@ -153,18 +172,20 @@ static PyObject *gather(PyObject *self, PyObject *args) {
             goto done;
         }
         address[i] = (uintptr_t)PyLong_AsVoidPtr(PyTuple_GET_ITEM(item, 0));
+        if (PyErr_Occurred()) goto done;
         Py_ssize_t n = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 1));
         if (PyErr_Occurred()) goto done;
         if (n < 0 || (n && !address[i])) {
             PyErr_Format(PyExc_ValueError, "gather: piece %zd has size %zd at address %p", i, n, (void *)address[i]);
             goto done;
         }
+        if (n > dst.len - offset - total) { /* (checked before adding: a sum of sizes must not wrap around) */
+            PyErr_Format(PyExc_ValueError, "gather: the pieces from offset %zd do not fit in %zd (piece %zd: %zd bytes "
+                         "after %zd)", offset, dst.len, i, n, total);
+            goto done;
+        }
         size[i] = (size_t)n;
         total += n;
-    }
-    if (offset < 0 || offset > dst.len || total > dst.len - offset) {
-        PyErr_Format(PyExc_ValueError, "gather: %zd bytes from offset %zd do not fit in %zd", total, offset, dst.len);
-        goto done;
     }
     {
         uint32_t crc = ~value;

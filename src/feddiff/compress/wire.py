@@ -411,7 +411,10 @@ def _valid_shape(shape: Any) -> bool:
 
 
 def encode(message: Message, codec: Codec = IDENTITY, generator: torch.Generator | None = None) -> bytes:
-    """Serialize a message; floating-point tensors go through ``codec``, others travel as they are."""
+    """Serialize a message; floating-point tensors go through ``codec``, others travel as they are.
+
+    The tensors are read while this runs, some without the GIL: another thread must not resize them
+    meanwhile (values changed meanwhile give a frame of mixed values, still a valid one)."""
     layout, xs = _layout_of(message, codec)
     groups = [(g, xs[i:j]) for g, (i, j) in zip(layout.groups, layout.spans)]
     meta = _deflate(message.meta)
@@ -606,15 +609,15 @@ def _verbatim(group: _Group) -> bool:
 def _gather(running: Running, start: int, nbytes: int, xs: list[torch.Tensor]) -> bool:
     """Write the tensors' bytes, one after another, into the frame from ``start`` (``nbytes`` in all),
     checksum fused in; False, with nothing written, for tensors without plain memory of their own
-    (sparse ones, say): the codec's path takes them and says what is wrong."""
+    (sparse ones, efficient zero tensors): the codec's path takes them (and says what is wrong)."""
     try:
         xs = [x.resolve_neg().contiguous() if x.is_neg() or not x.is_contiguous() else x for x in xs]
         pieces = [(x.data_ptr(), x.nbytes) for x in xs]
-    except RuntimeError:
+        if sum(n for _, n in pieces) != nbytes:
+            return False
+        running.gather(start, pieces)  # (checks every piece before it writes one: a null address with bytes)
+    except (RuntimeError, ValueError):
         return False
-    if sum(n for _, n in pieces) != nbytes:
-        return False
-    running.gather(start, pieces)
     return True
 
 
