@@ -255,8 +255,9 @@ def cmd_flower(args: argparse.Namespace) -> int:
     console = _console()
     console.print(f"Flower deployment in {folder}: 1 SuperLink + {cfg.partition.num_clients} SuperNodes on loopback "
                   f"(logs in {folder}/logs)")
+    own = args.own_data.split(",") if args.own_data else None
     run_path = run_local(cfg, folder, edges=edges, timeout_s=args.timeout, round_timeout_s=args.round_timeout,
-                         workers=not args.no_workers)
+                         workers=not args.no_workers, own_data=own)
     console.print(f"run folder: {run_path}")
     return 0
 

@@ -47,7 +47,7 @@ class FakeGrid:
             node, mid = m.metadata.dst_node_id, f"m{len(self.replies)}-{id(m)}"
             error = None
             if m.metadata.message_type == HELLO:
-                content = apps.hello_answer(self.configs[node])
+                content = apps.hello_answer(self.configs[node], self.app_file)
             elif m.metadata.message_type == ROLLBACK:
                 content = apps.rollback_answer(m.content, self.states[node])
             elif self.fail(node, m.content) == "gone":  # an error the SuperLink makes: from its own node id
@@ -239,6 +239,104 @@ def test_node_identities_and_edges_are_checked(make_config, tmp_path, task_ident
                                                                                  "num-partitions": 2}}, None), 2)
 
 
+def own_data_folders(cfg, where: Path) -> list[Path]:
+    """The simulator's partitions of ``cfg``, each written as a Fashion-MNIST folder of its own (a train split
+    only, in the partition's order): what each institution of a real federation would hold."""
+    from feddiff.data.sources import load_dataset, write_idx
+    from feddiff.engines.experiment import partition_train
+
+    train = load_dataset("fashion-mnist", cfg.data.root, "train")
+    _, parts = partition_train(cfg, train.labels.numpy())
+    folders = []
+    for k, idx in enumerate(parts):
+        folder = where / f"site-{k}"
+        folder.mkdir(parents=True)
+        write_idx(folder / "train-images-idx3-ubyte.gz", train.images[torch.from_numpy(idx)].squeeze(1).numpy())
+        write_idx(folder / "train-labels-idx1-ubyte.gz", train.labels[torch.from_numpy(idx)].numpy())
+        folders.append(folder)
+    return folders
+
+
+def server_without_training_data(cfg, where: Path):
+    """``cfg`` whose data.root holds the test split only: a server that read a training image would fail."""
+    where.mkdir()
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(Path(cfg.data.root) / name, where / name)
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": str(where)})})
+
+
+@pytest.mark.filterwarnings("ignore:pathological")
+@pytest.mark.parametrize("sections", [
+    {},
+    {"algorithm": {"name": "fedphd", "fraction": 0.5, "central_every": 2, "central_a": 500.0},
+     "partition": {"num_clients": 4, "method": "pathological", "classes_per_client": 2}},  # histograms asked
+])
+def test_nodes_with_their_own_data_train_like_the_simulator_and_the_server_reads_none(
+        make_config, tmp_path, task_identity, monkeypatch, sections):
+    monkeypatch.setenv("FEDDIFF_CACHE", str(tmp_path / "node-cache"))
+    cfg = make_config(run={"num_rounds": 2}, eval={"grid_size": 0, "loss_num_samples": 8}, **sections)
+    sim = run(cfg)
+    folders = own_data_folders(cfg, tmp_path / "sites")
+    server_cfg = server_without_training_data(cfg, tmp_path / "server-data")
+    app = write_app(tmp_path / "app", server_cfg, tmp_path / "flower-run") / "feddiff_flower_app" / "feddiff_run.json"
+    grid = FakeGrid({1000 - k: {"partition-id": k, "num-partitions": len(folders), "own-data": True,
+                                "data-root": str(f)} for k, f in enumerate(folders)}, app)
+    flower = RunDir.open(apps.server_main(grid, app))
+    a, b = final_weights(sim), final_weights(flower)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ms, mf = sim.read_metrics(), flower.read_metrics()
+    assert [r["bytes"] for r in ms] == [r["bytes"] for r in mf] and [r["loss"] for r in ms] == [r["loss"] for r in mf]
+    got, want = (json.loads((rd.path / "partition.json").read_text()) for rd in (flower, sim))
+    assert got["method"] == "own-data" and got["declared"] and got["sizes"] == want["sizes"]
+    assert "indices" not in got and json.loads((flower.path / "manifest.json").read_text())["partition_hash"] == got["hash"]
+    if sections:
+        return
+    # the run folder's tools work without the clients' data: evaluation on the server's own held-out split,
+    # the report (its split named); those that need the clients' images say where they are
+    from feddiff.engines.runner import evaluate_checkpoint, restored
+    from feddiff.report.rows import summarize_run
+
+    again = evaluate_checkpoint(flower.path, None, [])
+    assert again["round"] == 2 and again["eval"]["heldout_loss"] == mf[-1]["eval"]["heldout_loss"]
+    assert summarize_run(flower.path)["split"] == "own data (declared sizes)"
+    with pytest.raises(Exception, match="trained by nodes on their own data, which is on the nodes"):
+        restored(flower.path, [], "personalize", "feddiff personalize")
+
+
+def test_own_data_is_declared_consistently(make_config, tmp_path, task_identity, monkeypatch):
+    monkeypatch.setenv("FEDDIFF_CACHE", str(tmp_path / "node-cache"))
+    with pytest.raises(ConfigError, match="own-data=true needs data-root"):
+        node_identity({"partition-id": 0, "num-partitions": 2, "own-data": True})
+    with pytest.raises(ConfigError, match="'own-data' must be true or false, got 'yes'"):
+        node_identity({"partition-id": 0, "num-partitions": 2, "own-data": "yes", "data-root": "/x"})
+    own = {"own": True, "size": 5, "channels": 1, "num_classes": 10}
+    with pytest.raises(ConfigError, match=r"partitions \[0\] hold their own data .* and \[1\] cut a shared dataset"):
+        apps.declared_data({0: {"node": 1, "edge": "", **own}, 1: {"node": 2, "edge": ""}})
+    with pytest.raises(ConfigError, match=r"disagree on channels: \{0: 1, 1: 3\}"):
+        apps.declared_data({0: {"node": 1, "edge": "", **own}, 1: {"node": 2, "edge": "", **own, "channels": 3}})
+    assert apps.declared_data({0: {"node": 1, "edge": ""}}) is None
+    got = apps.declared_data({1: {"node": 2, "edge": "", **own, "size": 7}, 0: {"node": 1, "edge": "", **own}})
+    assert got.sizes == (5, 7) and got.channels == 1  # in partition order
+
+    cfg = make_config()
+    folders = own_data_folders(cfg, tmp_path / "sites")
+    app = write_app(tmp_path / "app", cfg, tmp_path / "flower-run") / "feddiff_flower_app" / "feddiff_run.json"
+    confs = {1000 - k: {"partition-id": k, "num-partitions": 2, "own-data": True, "data-root": str(f)}
+             for k, f in enumerate(folders)}
+    found = discover(FakeGrid(confs, app), 2)  # the hello reads the node's data: its size, channels and classes
+    sizes = [len(p) for p in json.loads((run(cfg).path / "partition.json").read_text())["indices"]]
+    assert [found[k]["size"] for k in range(2)] == sizes and found[0]["channels"] == 1 and found[1]["num_classes"] == 10
+    (folders[1] / "train-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(Exception, match="train-images-idx3-ubyte"):  # a node missing its data says which file
+        discover(FakeGrid(confs, app), 2)
+    bad = RecordDict({"feddiff": apps.ConfigRecord({"partition-id": 0, "num-partitions": 1, "edge-id": "",
+                                                   "own-data": True, "num-examples": 0, "channels": 1,
+                                                   "num-classes": 10})})
+    monkeypatch.setattr(apps, "hello_answer", lambda conf, app_file=None: bad)
+    with pytest.raises(Exception, match=r"declares num-examples=0; expected an integer in \[1, 1000000000\]"):
+        discover(FakeGrid({1: {"partition-id": 0, "num-partitions": 1}}, app), 1)
+
+
 def test_a_record_round_trips_through_context_state():
     from feddiff.client.runtime import ClientState
 
@@ -290,6 +388,20 @@ def test_a_real_local_deployment_trains_like_the_simulator(make_config, tmp_path
     for k in range(3):
         assert (tmp_path / "deployment" / "logs" / f"worker-{k}.log").read_text().count("answered in") == 2
         assert "handles the message itself" not in (tmp_path / "deployment" / "logs" / f"supernode-{k}.log").read_text()
+
+
+@pytest.mark.deployment
+def test_a_real_deployment_of_nodes_with_their_own_data(make_config, tmp_path):
+    """Each SuperNode with a folder of its own images (own-data=true), the server with no training image:
+    the simulator's weights and bytes, when each folder holds the simulator's partition."""
+    from feddiff.engines.flower.local import run_local
+
+    cfg = deployment_config(make_config)
+    folders = own_data_folders(cfg, tmp_path / "sites")
+    server_cfg = server_without_training_data(cfg, tmp_path / "server-data")
+    flower = RunDir.open(run_local(server_cfg, tmp_path / "deployment", timeout_s=600, own_data=folders))
+    same_as_simulator(cfg, flower)
+    assert json.loads((flower.path / "partition.json").read_text())["method"] == "own-data"
 
 
 @pytest.mark.deployment

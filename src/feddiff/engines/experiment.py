@@ -197,19 +197,50 @@ class ModelCache:
         return self.models[spec.id]
 
 
+@dataclass(frozen=True)
+class DeclaredData:
+    """The clients' data as they declared it, where the server holds none of it (Flower nodes with their own
+    data): each client's number of training images, their channels and number of classes."""
+
+    sizes: tuple[int, ...]
+    channels: int
+    num_classes: int
+
+    def record(self, cfg: Config) -> dict:
+        """What partition.json holds for such a run: the declared sizes, no indices or histograms."""
+        return {"method": "own-data", "num_clients": len(self.sizes), "hash": self.hash(), "sizes": list(self.sizes),
+                "channels": self.channels, "num_classes": self.num_classes, "declared": True,
+                "note": "each node trains on its own data; sizes as the nodes declared them"}
+
+    @classmethod
+    def of_run(cls, record: dict) -> DeclaredData | None:
+        """The declaration a run's partition.json holds (a run of nodes with their own data), else None."""
+        if record.get("method") != "own-data":
+            return None
+        return cls(tuple(int(n) for n in record["sizes"]), int(record["channels"]), int(record["num_classes"]))
+
+    def hash(self) -> str:
+        import hashlib
+        import json
+
+        return hashlib.sha256(json.dumps(["own-data", list(self.sizes)]).encode()).hexdigest()[:16]
+
+
 @dataclass
 class Experiment:
     """One run assembled in one process: the server's parts and every client's (the simulator's view).
 
     ``num_samples`` is each client's train-set size from the partition: the aggregation weights, never
-    what a client claims.
+    what a client claims. Where the server holds no training data (``declared``: Flower nodes with their
+    own), ``train`` and ``parts`` are None, there is no ``client_data``, and the sizes are the ones the
+    nodes declared before round 1.
     """
 
     cfg: Config
     device: torch.device
-    train: ImageData
+    train: ImageData | None
     test: ImageData | None
-    parts: Partition
+    parts: Partition | None
     client_data: list[ClientData]
     spec: ModelSpec
     model_for: ModelCache
@@ -217,14 +248,33 @@ class Experiment:
     strategy: Strategy
     runtime: ClientRuntime
     links: LinkSpecs
+    declared: DeclaredData | None = None
 
     @property
     def num_clients(self) -> int:
-        return len(self.parts)
+        return len(self.num_samples)
 
     @property
     def num_samples(self) -> tuple[int, ...]:
+        if self.parts is None:
+            assert self.declared is not None
+            return self.declared.sizes
         return tuple(len(p) for p in self.parts)
+
+    @property
+    def channels(self) -> int:
+        """Image channels (the model's input)."""
+        return self.train.channels if self.train is not None else self.declared.channels
+
+    def partition_hash(self) -> str:
+        """What identifies the clients' data (a resume refuses a run whose data now divide otherwise)."""
+        return partition_hash(self.parts) if self.parts is not None else self.declared.hash()
+
+    def partition_record(self) -> dict:
+        """partition.json: the partition (sizes, histograms, indices), or the nodes' declared sizes."""
+        if self.parts is None:
+            return self.declared.record(self.cfg)
+        return partition_record(self.cfg, self.train, self.parts)
 
     @property
     def client_images(self) -> list[torch.Tensor]:
@@ -246,12 +296,12 @@ class Experiment:
 
     def steps_per_round(self, client: int) -> int:
         """Optimizer steps client ``client`` takes in a round."""
-        return self.runtime.spec.num_steps(len(self.parts[client]))
+        return self.runtime.spec.num_steps(self.num_samples[client])
 
     def banner(self, start_round: int, run_dir) -> str:
         """The line a run prints first."""
         cfg = self.cfg
-        sizes = [len(p) for p in self.parts]
+        sizes = self.num_samples
         return (
             f"[bold]feddiff[/bold] {cfg.algorithm.name} | {cfg.data.dataset} {cfg.data.image_size}px, "
             f"{self.num_clients} clients ({cfg.partition.method}, sizes {min(sizes)}..{max(sizes)}) | "
@@ -260,30 +310,41 @@ class Experiment:
         )
 
 
-def build_experiment(cfg: Config) -> Experiment:
-    """Read the data, partition it, build the model, the strategy and the client runtime."""
+def build_experiment(cfg: Config, declared: DeclaredData | None = None) -> Experiment:
+    """Read the data, partition it, build the model, the strategy and the client runtime.
+
+    ``declared``: the clients hold their own data, as declared (Flower nodes): no training image is read
+    here, and the declared sizes are the aggregation weights.
+    """
     device = pick_device(cfg.run.device, cfg.run.deterministic)
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
-    train = load_split(cfg, "train")
+    if declared is not None and len(declared.sizes) != cfg.partition.num_clients:
+        raise ConfigError(f"{len(declared.sizes)} clients declared their data; partition.num_clients = "
+                          f"{cfg.partition.num_clients}")
+    train = load_split(cfg, "train") if declared is None else None
     try:
         test: ImageData | None = load_split(cfg, "test")
     except FileNotFoundError:
         if cfg.eval.loss_num_samples > 0 and cfg.data.dataset != "image-folder":
             raise
         test = None
-    _, parts = partition_train(cfg, train.labels.numpy())
-    client_data = [ClientData(train.images[torch.from_numpy(p)].to(device), train.labels[torch.from_numpy(p)],
-                              train.num_classes) for p in parts]
+    if declared is None:
+        _, parts = partition_train(cfg, train.labels.numpy())
+        client_data = [ClientData(train.images[torch.from_numpy(p)].to(device), train.labels[torch.from_numpy(p)],
+                                  train.num_classes) for p in parts]
+        sizes, channels = tuple(len(p) for p in parts), train.channels
+    else:
+        parts, client_data, sizes, channels = None, [], declared.sizes, declared.channels
 
-    spec = model_spec(cfg, train.channels)
+    spec = model_spec(cfg, channels)
     models = ModelCache(device, derive_seed(cfg.run.seed, "model-init"))
     d = cfg.diffusion
     scheduler = make_scheduler(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end)
-    strategy = make_strategy(cfg, StrategyContext(len(parts), cfg.run.seed, spec, tuple(len(p) for p in parts)))
+    strategy = make_strategy(cfg, StrategyContext(len(sizes), cfg.run.seed, spec, sizes))
     t = cfg.train
     runtime = ClientRuntime(models, spec, scheduler, train_spec(cfg), cfg.run.seed, client_hook(cfg),
                             t.keep_optimizer_state, t.lr_schedule_rounds or cfg.run.num_rounds, t.lr_schedule,
                             t.min_lr_ratio, shared=t.optimizer_scope == "shared")
     return Experiment(cfg, device, train, test, parts, client_data, spec, models, scheduler, strategy, runtime,
-                      link_specs(cfg))
+                      link_specs(cfg), declared)

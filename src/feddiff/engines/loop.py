@@ -518,7 +518,7 @@ class Server:
         if sig == self.arch:
             return None
         self.arch = sig
-        return model_cost(self.working_model(), self.exp.train.channels, self.cfg.data.image_size)
+        return model_cost(self.working_model(), self.exp.channels, self.cfg.data.image_size)
 
     # -- checkpoints -----------------------------------------------------------------------
     def checkpoint(self, rounds_done: int, engine: Engine) -> None:

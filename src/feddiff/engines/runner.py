@@ -13,7 +13,7 @@ from typing import Any
 
 from feddiff.config import Config, apply_overrides, config_from_dict, load_resolved
 from feddiff.engines.evaluate import load_feature_network
-from feddiff.engines.experiment import build_experiment
+from feddiff.engines.experiment import DeclaredData, build_experiment
 from feddiff.engines.simulator import Simulator
 from feddiff.runs import RunDir, RunError
 
@@ -26,7 +26,7 @@ def evaluate_checkpoint(path: str | Path, rnd: int | None, overrides: list[str])
     raw = apply_overrides(load_resolved(run_dir.config_path).model_dump(mode="json"), list(overrides),
                           allowed=("eval.",), where="in feddiff eval (it changes eval.* settings only)")
     cfg = config_from_dict(raw, f"{run_dir.config_path} with {' '.join(overrides)}")
-    sim = Simulator(build_experiment(cfg), run_dir)
+    sim = Simulator(build_experiment(cfg, declared_data(run_dir)), run_dir)  # (own data: no training image read)
     t = time.perf_counter()
     done = sim.restore(rnd)
     result = sim.evaluate(done)
@@ -53,8 +53,17 @@ def restored(path: str | Path, overrides: list[str], section: str, command: str)
     if engine != "simulator" and get_algorithm(cfg.algorithm.name).strategy.personalized:
         raise RunError(f"{run_dir.path} was trained on {engine}: its personal models are on the nodes, where each "
                        f"site can run {command} on its own")
+    if declared_data(run_dir) is not None:
+        raise RunError(f"{run_dir.path} was trained by nodes on their own data, which is on the nodes: {command} "
+                       "needs the clients' images in this process")
     sim = Simulator(build_experiment(cfg), run_dir)
     return sim, sim.restore()
+
+
+def declared_data(run_dir: RunDir) -> DeclaredData | None:
+    """The data its nodes declared, for a run trained by Flower nodes on their own data; None otherwise."""
+    path = run_dir.path / "partition.json"
+    return DeclaredData.of_run(json.loads(path.read_text())) if path.exists() else None
 
 
 def run(cfg: Config, out_dir: str | None = None, run_path: str | Path | None = None) -> RunDir:

@@ -27,8 +27,7 @@ from feddiff.compress.link import ClientLink
 from feddiff.config import Config
 from feddiff.engines.loop import EVAL_LINK, Incoming, Outgoing, RoundEvents, Server
 from feddiff.engines.evaluate import Evaluator, build_quality, load_feature_network
-from feddiff.data.partition import partition_hash
-from feddiff.engines.experiment import Experiment, ModelCache, load_split, partition_record
+from feddiff.engines.experiment import Experiment, ModelCache, load_split
 from feddiff.metrics.cost import model_cost
 from feddiff.metrics.fid import FeatureStats
 from feddiff.metrics.quality import extract_features, load_stats, save_stats
@@ -224,12 +223,12 @@ class Simulator:
         self.exp.strategy.initialize(self.exp.model.state_dict(), self.exp.spec)
         rd = self.run_dir
         rd.write_json("config.json", self.cfg.model_dump(mode="json"))
-        rd.write_json("partition.json", partition_record(self.cfg, self.exp.train, self.exp.parts))
+        rd.write_json("partition.json", self.exp.partition_record())
         rd.write_json("manifest.json", self._manifest())
 
     def restore(self, rnd: int | None = None) -> int:
         """Load the checkpoint after round ``rnd`` (default: the newest readable one); returns its round."""
-        check_partition(self.run_dir, partition_hash(self.exp.parts))
+        check_partition(self.run_dir, self.exp.partition_hash())
         return self.server.restore(self.engine, rnd)
 
     def resume(self) -> None:
@@ -280,8 +279,8 @@ class Simulator:
         return {
             "feddiff": feddiff.__version__, "python": platform.python_version(), "torch": torch.__version__,
             "diffusers": diffusers.__version__, "device": str(exp.device), "threads": torch.get_num_threads(),
-            "seed": self.cfg.run.seed, "partition_hash": partition_hash(exp.parts),
-            "model": model_cost(exp.model, exp.train.channels, self.cfg.data.image_size),
+            "seed": self.cfg.run.seed, "partition_hash": exp.partition_hash(),
+            "model": model_cost(exp.model, exp.channels, self.cfg.data.image_size),
             "model_spec": exp.spec.to_json(),
             "engine": "simulator" if isinstance(self.engine, SimulatorEngine) else type(self.engine).__name__,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -130,7 +130,7 @@ def summarize_run(path: str | Path | RunData, name: str | None = None) -> dict[s
         "algorithm": cfg["algorithm"]["name"],
         "method": method_label(cfg),
         "dataset": f"{cfg['data']['dataset']} {cfg['data']['image_size']}px",
-        "split": split_label(part),
+        "split": "own data (declared sizes)" if run.partition.get("method") == "own-data" else split_label(part),
         "clients": part["num_clients"],
         "seed": cfg["run"]["seed"],
         "rounds": done,

@@ -23,7 +23,8 @@ from flwr.serverapp import Grid, ServerApp
 
 # light imports only: a ClientApp process imports this module for every message, and a hello needs no torch
 from feddiff.config import Config, ConfigError, config_from_dict
-from feddiff.engines.flower.node import EDGE_ID, NUM_PARTITIONS, PARTITION_ID, WORKER, NodeSession, node_identity
+from feddiff.engines.flower.node import (EDGE_ID, NUM_PARTITIONS, OWN_DATA, PARTITION_ID, WORKER, NodeSession,
+                                         node_identity, own_data_summary)
 from feddiff.engines.flower.protocol import DONE_FILE, SECTION, STATE
 
 
@@ -82,7 +83,10 @@ def server_main(grid: Grid, app_file: Path) -> str:
     check_flower_config(cfg)
     found = discover(grid, cfg.partition.num_clients)
     cfg = with_node_edges(cfg, found)
-    exp = build_experiment(cfg)  # the server reads the train split for the partition sizes (aggregation weights)
+    declared = declared_data(found)
+    # nodes that cut a shared dataset: the server reads its train split for the partition sizes (the aggregation
+    # weights); nodes with their own data: their declared sizes, and the server reads no training image
+    exp = build_experiment(cfg, declared)
     run_path = extra.get("run_path")
     run_dir = RunDir.create_at(run_path) if run_path else RunDir.create(cfg.run.out_dir, cfg.run.name or "run")
     # --round-timeout, else faults.deadline_s: a node's reply later than that is its failure (the message expires)
@@ -107,11 +111,38 @@ def make_server_app(app_file: str | Path) -> ServerApp:
     return app
 
 
-def hello_answer(node_config: dict[str, Any]) -> RecordDict:
-    """A node's answer to ``query.hello``: the partition it holds and its edge (from its node config)."""
+def declared_data(found: dict[int, dict[str, Any]]):
+    """The nodes' own data as they declared it (:class:`~feddiff.engines.experiment.DeclaredData`), or None
+    when they cut a shared dataset. Every node or none must hold its own data."""
+    from feddiff.engines.experiment import DeclaredData
+
+    own = sorted(pid for pid, f in found.items() if f.get("own"))
+    if not own:
+        return None
+    if len(own) != len(found):
+        raise ConfigError(f"partitions {own} hold their own data ({OWN_DATA}=true) and "
+                          f"{sorted(set(found) - set(own))} cut a shared dataset; all nodes must do the same")
+    for key in ("channels", "num_classes"):
+        values = {pid: found[pid][key] for pid in own}
+        if len(set(values.values())) > 1:
+            raise ConfigError(f"the nodes' own data disagree on {key.replace('_', ' ')}: {values}")
+    first = found[own[0]]
+    return DeclaredData(tuple(found[pid]["size"] for pid in own), first["channels"], first["num_classes"])
+
+
+def hello_answer(node_config: dict[str, Any], app_file: str | Path | None = None) -> RecordDict:
+    """A node's answer to ``query.hello``: the partition it holds and its edge (from its node config); a node
+    with its own data also says how many training images it holds, their channels and classes (it reads them
+    for that, with the run's data settings from ``app_file``)."""
     me = node_identity(node_config)
-    return RecordDict({SECTION: ConfigRecord({PARTITION_ID: me.partition_id, NUM_PARTITIONS: me.num_partitions,
-                                              EDGE_ID: me.edge_id})})
+    answer: dict[str, Any] = {PARTITION_ID: me.partition_id, NUM_PARTITIONS: me.num_partitions, EDGE_ID: me.edge_id,
+                              OWN_DATA: me.own_data}
+    if me.own_data:
+        if app_file is None:
+            raise ConfigError(f"{OWN_DATA}=true: this hello cannot read the node's data without the run's app file")
+        cfg, _ = read_app_file(app_file)
+        answer.update(own_data_summary(cfg, me))
+    return RecordDict({SECTION: ConfigRecord(answer)})
 
 
 def client_answer(content: RecordDict, node_config: dict[str, Any], state: RecordDict, app_file: str | Path) -> RecordDict:
@@ -168,7 +199,7 @@ def make_client_app(app_file: str | Path) -> ClientApp:
 
     @app.query("hello")
     def hello(msg: Message, context: Context) -> Message:
-        return Message(hello_answer(context.node_config), reply_to=msg)
+        return Message(hello_answer(context.node_config, app_file), reply_to=msg)
 
     def handle(msg: Message, context: Context) -> Message:
         return Message(client_answer(msg.content, context.node_config, context.state, app_file), reply_to=msg)

@@ -19,8 +19,9 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from feddiff.client.node import QUERY_ROUND
-from feddiff.engines.flower.node import EDGE_ID, NUM_PARTITIONS, PARTITION_ID
+from feddiff.engines.flower.node import EDGE_ID, NUM_PARTITIONS, OWN_DATA, PARTITION_ID
 from feddiff.engines.loop import Incoming, Outgoing, RoundEvents
+from feddiff.engines.validate import MAX_CLAIMED_SAMPLES
 from feddiff.runs import RunError
 from feddiff.types import StateDict
 
@@ -89,6 +90,16 @@ def discover(grid: Grid, num_clients: int, wait_s: float = 300.0, poll_s: float 
         if pid in found:
             raise RunError(f"SuperNodes {found[pid]['node']} and {node} both hold {PARTITION_ID}={pid}")
         found[pid] = {"node": node, "edge": str(c[EDGE_ID])}
+        if OWN_DATA in c and c[OWN_DATA] is True:  # its own data: how much (the aggregation weight), what shape
+            try:
+                size, channels, classes = (c[k] for k in ("num-examples", "channels", "num-classes"))
+            except KeyError as err:
+                raise RunError(f"SuperNode {node} holds its own data but did not say {err}") from None
+            for key, value, top in (("num-examples", size, MAX_CLAIMED_SAMPLES), ("channels", channels, 4),
+                                    ("num-classes", classes, 1 << 20)):
+                if type(value) is not int or not 1 <= value <= top:
+                    raise RunError(f"SuperNode {node} declares {key}={value!r}; expected an integer in [1, {top}]")
+            found[pid].update(own=True, size=size, channels=channels, num_classes=classes)
     absent = sorted(set(range(num_clients)) - set(found))
     if absent:
         raise RunError(f"no SuperNode holds partitions {absent} (connected: {sorted(found)})")

@@ -101,12 +101,20 @@ def write_app(folder: Path, cfg: Config, run_path: Path | None, **engine: Any) -
     return folder
 
 
-def node_config(pid: int, num: int, edge: str = "") -> str:
-    """``--node-config`` of a SuperNode holding partition ``pid`` (string values quoted: it is TOML)."""
+def node_config(pid: int, num: int, edge: str = "", own_data: str | Path | None = None) -> str:
+    """``--node-config`` of a SuperNode holding partition ``pid`` (string values quoted: it is TOML);
+    ``own_data``: the folder of this node's own images (``own-data=true``), instead of a cut of the dataset."""
     if edge and not all(ch.isalnum() or ch in "-_." for ch in edge):
         raise RunError(f"edge id {edge!r}: use letters, digits, '-', '_' and '.' only")
-    text = f"partition-id={pid} num-partitions={num}"
-    return text + (f' edge-id="{edge}"' if edge else "")
+    text = f"partition-id={pid} num-partitions={num}" + (f' edge-id="{edge}"' if edge else "")
+    if own_data is not None:
+        root = str(Path(own_data).resolve())
+        if not Path(root).is_dir():
+            raise RunError(f"node {pid}'s own data {root!r} is not a folder")
+        if any(ch in root for ch in '"\\\n'):
+            raise RunError(f"node {pid}'s own data {root!r}: a folder whose path has no quote, backslash or newline")
+        text += f' own-data=true data-root="{root}"'
+    return text
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
@@ -324,7 +332,8 @@ class LocalDeployment:
 
 def run_local(cfg: Config, folder: str | Path, num_nodes: int | None = None, edges: list[str] | None = None,
               timeout_s: float | None = None, poll_s: float = 0.05, tls: bool = False, auth: bool = False,
-              round_timeout_s: float | None = None, workers: bool = True) -> Path:
+              round_timeout_s: float | None = None, workers: bool = True,
+              own_data: list[str | Path] | None = None) -> Path:
     """Train ``cfg`` on a local Flower deployment in ``folder``; returns the run folder (``folder/run``).
 
     Parameters
@@ -336,6 +345,9 @@ def run_local(cfg: Config, folder: str | Path, num_nodes: int | None = None, edg
     workers
         Start a warm worker beside each SuperNode (``worker.py``): the same results, without a torch
         import and a client rebuilt for every message, and at most one training per core at a time.
+    own_data
+        One folder per node holding that node's own images (the config's dataset format), or None: each
+        node cuts its partition out of ``data.root``. With them the ServerApp reads no training image.
     """
     folder = Path(folder).resolve()
     n = num_nodes or cfg.partition.num_clients
@@ -343,13 +355,15 @@ def run_local(cfg: Config, folder: str | Path, num_nodes: int | None = None, edg
         raise RunError(f"{n} nodes for partition.num_clients = {cfg.partition.num_clients}: one node per partition")
     if edges is not None and len(edges) != n:
         raise RunError(f"{len(edges)} edge ids for {n} nodes")
+    if own_data is not None and len(own_data) != n:
+        raise RunError(f"{len(own_data)} own-data folders for {n} nodes")
     from feddiff.engines.flower.apps import check_flower_config
 
     check_flower_config(cfg)  # before any process starts
     run_path = folder / "run"
     if run_path.exists():
         raise RunError(f"{run_path} already holds a run; give another deployment folder")
-    confs = [node_config(k, n, edges[k] if edges else "") for k in range(n)]
+    confs = [node_config(k, n, edges[k] if edges else "", own_data[k] if own_data else None) for k in range(n)]
     folder.mkdir(parents=True, exist_ok=True)
     app = write_app(folder / "app", cfg, run_path, poll_s=poll_s, round_timeout_s=round_timeout_s)
     with LocalDeployment(folder, confs, tls, auth, workers=workers) as dep:

@@ -25,17 +25,23 @@ if TYPE_CHECKING:  # torch is imported where a message needs it (a hello does no
 
 # node config keys (flower-supernode --node-config 'partition-id=0 num-partitions=4 edge-id="e1"')
 PARTITION_ID, NUM_PARTITIONS, EDGE_ID, DATA_ROOT = "partition-id", "num-partitions", "edge-id", "data-root"
+OWN_DATA = "own-data"  # true: data-root holds this node's own images (its whole train split), not a shared dataset
 WORKER = "worker"  # the Unix socket of the node's warm worker (worker.py), if it has one
 
 
 @dataclass(frozen=True)
 class NodeIdentity:
-    """Who a node says it is: the partition it holds, and the edge it belongs to (hierarchies)."""
+    """Who a node says it is: the partition it holds, and the edge it belongs to (hierarchies).
+
+    ``own_data``: the node trains on all of the train split under ``data_root``, its own images, instead of
+    cutting partition ``partition_id`` out of a copy of the whole dataset (then ``partition_id`` only says
+    which client it is)."""
 
     partition_id: int
     num_partitions: int
     edge_id: str = ""
     data_root: str = ""
+    own_data: bool = False
 
 
 def node_identity(node_config: dict[str, Any]) -> NodeIdentity:
@@ -52,11 +58,16 @@ def node_identity(node_config: dict[str, Any]) -> NodeIdentity:
     pid, num = need(PARTITION_ID, int), need(NUM_PARTITIONS, int)
     if not 0 <= pid < num:
         raise ConfigError(f"node config {PARTITION_ID}={pid} is not in 0..{num - 1} ({NUM_PARTITIONS}={num})")
-    edge, root = node_config.get(EDGE_ID, ""), node_config.get(DATA_ROOT, "")
+    edge, root, own = node_config.get(EDGE_ID, ""), node_config.get(DATA_ROOT, ""), node_config.get(OWN_DATA, False)
     if not all(isinstance(node_config.get(k, ""), str) for k in (EDGE_ID, DATA_ROOT, WORKER)):
         raise ConfigError(f"node config {EDGE_ID!r}, {DATA_ROOT!r} and {WORKER!r} must be quoted strings, "
                           f"e.g. {EDGE_ID}=\"e1\"")
-    return NodeIdentity(pid, num, edge, root)
+    if not isinstance(own, bool):
+        raise ConfigError(f"node config {OWN_DATA!r} must be true or false, got {own!r}")
+    if own and not root:
+        raise ConfigError(f"node config {OWN_DATA}=true needs {DATA_ROOT}=\"...\": the folder of this node's own "
+                          "images (the config's data.dataset format)")
+    return NodeIdentity(pid, num, edge, root, own)
 
 
 def encode_record(state) -> bytes:
@@ -78,11 +89,30 @@ def decode_record(blob: bytes | None):
     return ClientState.from_flat(msg.tensors, msg.meta)
 
 
-def partition_key(cfg: Config, pid: int) -> str:
-    """What defines a client's data: dataset, size, subset, partition and the seeds they derive from."""
+def partition_key(cfg: Config, pid: int, own: bool = False) -> str:
+    """What defines a client's data: dataset, size, subset, partition and the seeds they derive from (a node's
+    own data: the dataset's settings, its folder among them), and the files under ``data.root`` as they are
+    now (names, sizes, modification times: a file replaced, added or removed is read again)."""
     what = {"data": cfg.data.model_dump(mode="json"), "partition": cfg.partition.model_dump(mode="json"),
             "seed": cfg.run.seed, "client": pid}
+    if own:
+        what = {"data": cfg.data.model_dump(mode="json"), "own": True}
+    what["files"] = files_of(cfg.data.root)
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def files_of(root: str) -> list[tuple[str, int, int]]:
+    """(relative path, size, modification time in ns) of every file under ``root``, sorted."""
+    out, cache = [], os.path.abspath(cache_dir().parent)  # (the node's own cache, if kept under root: not data)
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if os.path.abspath(os.path.join(folder, d)) != cache)
+        for name in files:
+            try:
+                st = os.stat(os.path.join(folder, name))
+            except OSError:
+                continue
+            out.append((os.path.relpath(os.path.join(folder, name), root), st.st_size, st.st_mtime_ns))
+    return sorted(out)
 
 
 def cache_dir() -> Path:
@@ -90,18 +120,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDDIFF_CACHE") or Path.home() / ".cache" / "feddiff") / "flower-partitions"
 
 
-def load_partition(cfg: Config, pid: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def load_partition(cfg: Config, pid: int, own: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(uint8 images, labels, number of classes) of client ``pid``: from the node's cache, else read and cut.
 
     The cut is the simulator's (``partition_train`` of the whole train split), so a Flower client trains on
-    exactly the images the simulator's client ``pid`` does.
+    exactly the images the simulator's client ``pid`` does. ``own``: the whole train split under
+    ``data.root``, the node's own images, in the order they are stored.
     """
     import torch
     from safetensors.torch import load_file, save_file
 
     from feddiff.engines.experiment import load_split, partition_train
 
-    path = cache_dir() / f"{partition_key(cfg, pid)}.safetensors"
+    path = cache_dir() / f"{partition_key(cfg, pid, own)}.safetensors"
     if path.exists():
         try:
             got = load_file(str(path))
@@ -109,16 +140,35 @@ def load_partition(cfg: Config, pid: int) -> tuple[torch.Tensor, torch.Tensor, i
         except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt, never trusted
             path.unlink(missing_ok=True)
     train = load_split(cfg, "train")
-    _, parts = partition_train(cfg, train.labels.numpy())
-    if len(parts) != cfg.partition.num_clients or not 0 <= pid < len(parts):
-        raise ConfigError(f"partition {pid} does not exist: the config cuts {len(parts)} partitions")
-    idx = torch.from_numpy(parts[pid])
-    images, labels = train.images[idx].contiguous(), train.labels[idx].contiguous()
+    if own:
+        if not len(train):
+            raise ConfigError(f"this node's own data under {cfg.data.root!r} holds no training images")
+        images, labels = train.images, train.labels
+    else:
+        _, parts = partition_train(cfg, train.labels.numpy())
+        if len(parts) != cfg.partition.num_clients or not 0 <= pid < len(parts):
+            raise ConfigError(f"partition {pid} does not exist: the config cuts {len(parts)} partitions")
+        idx = torch.from_numpy(parts[pid])
+        images, labels = train.images[idx].contiguous(), train.labels[idx].contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file({"images": images, "labels": labels, "num_classes": torch.tensor(train.num_classes)}, str(tmp))
     os.replace(tmp, path)
     return images, labels, train.num_classes
+
+
+def node_data_config(cfg: Config, identity: NodeIdentity) -> Config:
+    """The run's config with the node's ``data-root`` (its copy of the dataset, or its own data) as data.root."""
+    if not identity.data_root:
+        return cfg
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": identity.data_root})})
+
+
+def own_data_summary(cfg: Config, identity: NodeIdentity) -> dict[str, int]:
+    """What a node with its own data tells the server in its hello: how many training images it holds (the
+    aggregation weight: a claim the server cannot check), their channels and the number of classes."""
+    images, _, num_classes = load_partition(node_data_config(cfg, identity), identity.partition_id, True)
+    return {"num-examples": int(images.shape[0]), "channels": int(images.shape[1]), "num-classes": int(num_classes)}
 
 
 class NodeSession:
@@ -139,13 +189,12 @@ class NodeSession:
         if identity.num_partitions != cfg.partition.num_clients:
             raise ConfigError(f"this node says {NUM_PARTITIONS}={identity.num_partitions} but the run has "
                               f"partition.num_clients={cfg.partition.num_clients}")
-        if identity.data_root:  # the node's own copy of the data
-            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": identity.data_root})})
+        cfg = node_data_config(cfg, identity)
         self.cfg, self.identity = cfg, identity
         if cfg.run.num_threads:
             torch.set_num_threads(cfg.run.num_threads)
         device = pick_device(cfg.run.device, cfg.run.deterministic)
-        images, labels, num_classes = load_partition(cfg, identity.partition_id)
+        images, labels, num_classes = load_partition(cfg, identity.partition_id, identity.own_data)
         self.data = ClientData(images.to(device), labels, num_classes)
         d, t = cfg.diffusion, cfg.train
         spec = model_spec(cfg, int(images.shape[1]))
