@@ -196,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edges", metavar="E0,E1,...", help="hierarchies: the edge-id each node declares, one per client")
     p.add_argument("--own-data", metavar="DIR0,DIR1,...",
                    help="one folder per node holding that node's own images (the config's data.dataset format): each "
-                        "node trains on all of its folder, and the server reads no training image (default: each "
-                        "node cuts its partition out of data.root)")
+                        "node trains on all of its folder, and the server reads none of the clients' images "
+                        "(default: each node cuts its partition out of data.root)")
     p.add_argument("--timeout", type=_int_at_least(1), default=None, metavar="S", help="give up after S seconds")
     p.add_argument("--round-timeout", type=_int_at_least(1), default=None, metavar="S",
                    help="a client that has not answered a round's message after S seconds is that round's failure "

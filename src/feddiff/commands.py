@@ -255,7 +255,11 @@ def cmd_flower(args: argparse.Namespace) -> int:
     console = _console()
     console.print(f"Flower deployment in {folder}: 1 SuperLink + {cfg.partition.num_clients} SuperNodes on loopback "
                   f"(logs in {folder}/logs)")
-    own = args.own_data.split(",") if args.own_data else None
+    own = None
+    if args.own_data is not None:
+        own = [d for d in args.own_data.split(",") if d.strip()]
+        if not own:
+            raise ConfigError(f"--own-data {args.own_data!r}: give one folder per node, separated by commas")
     run_path = run_local(cfg, folder, edges=edges, timeout_s=args.timeout, round_timeout_s=args.round_timeout,
                          workers=not args.no_workers, own_data=own)
     console.print(f"run folder: {run_path}")

@@ -278,7 +278,8 @@ def test_nodes_with_their_own_data_train_like_the_simulator_and_the_server_reads
     sim = run(cfg)
     folders = own_data_folders(cfg, tmp_path / "sites")
     server_cfg = server_without_training_data(cfg, tmp_path / "server-data")
-    app = write_app(tmp_path / "app", server_cfg, tmp_path / "flower-run") / "feddiff_flower_app" / "feddiff_run.json"
+    app = write_app(tmp_path / "app", server_cfg, tmp_path / "flower-run", own_data=True) / "feddiff_flower_app" / \
+        "feddiff_run.json"
     grid = FakeGrid({1000 - k: {"partition-id": k, "num-partitions": len(folders), "own-data": True,
                                 "data-root": str(f)} for k, f in enumerate(folders)}, app)
     flower = RunDir.open(apps.server_main(grid, app))
@@ -301,6 +302,52 @@ def test_nodes_with_their_own_data_train_like_the_simulator_and_the_server_reads
     assert summarize_run(flower.path)["split"] == "own data (declared sizes)"
     with pytest.raises(Exception, match="trained by nodes on their own data, which is on the nodes"):
         restored(flower.path, [], "personalize", "feddiff personalize")
+    with pytest.raises(Exception, match="trained by nodes on their own data: federated reference statistics need those nodes"):
+        evaluate_checkpoint(flower.path, None, ["eval.federated_reference=true", "eval.fid_num_samples=4"])
+
+
+def own_data_grid(cfg, tmp_path, opt_in: bool = True, **app_sections):
+    """(FakeGrid of nodes with the simulator's partitions as their own data, app file of a data-less server)."""
+    folders = own_data_folders(cfg, tmp_path / "sites")
+    server_cfg = server_without_training_data(cfg, tmp_path / "server-data")
+    app = write_app(tmp_path / "app", server_cfg, tmp_path / "flower-run", own_data=opt_in) / \
+        "feddiff_flower_app" / "feddiff_run.json"
+    return FakeGrid({1000 - k: {"partition-id": k, "num-partitions": len(folders), "own-data": True,
+                                "data-root": str(f)} for k, f in enumerate(folders)}, app), app, folders
+
+
+def test_a_server_without_training_data_says_what_fd_needs_before_round_1(make_config, tmp_path, task_identity,
+                                                                          monkeypatch):
+    monkeypatch.setenv("FEDDIFF_CACHE", str(tmp_path / "node-cache"))
+    cfg = make_config(run={"num_rounds": 1}, eval={"grid_size": 0, "loss_num_samples": 0, "fid_num_samples": 8})
+    grid, app, _ = own_data_grid(cfg, tmp_path)
+    with pytest.raises(ConfigError, match="FD/KID on the server needs a fashion-mnist train split of its own") as err:
+        apps.server_main(grid, app)
+    assert 'eval.feature_net = "inception"' in str(err.value) and "train-images-idx3-ubyte" in str(err.value)
+    assert grid.bytes_pushed == 0  # before any round
+
+
+def test_own_data_is_the_servers_choice_too(make_config, tmp_path, task_identity, monkeypatch):
+    # nodes alone must not switch the server from partition counts to their own claims, nor the reverse
+    monkeypatch.setenv("FEDDIFF_CACHE", str(tmp_path / "node-cache"))
+    cfg = make_config(eval={"grid_size": 0, "loss_num_samples": 0})
+    grid, app, _ = own_data_grid(cfg, tmp_path, opt_in=False)
+    with pytest.raises(Exception, match="the nodes hold their own data .* not written for that"):
+        apps.server_main(grid, app)
+    shared = FakeGrid(nodes(2), app)
+    app2 = write_app(tmp_path / "app2", cfg, tmp_path / "flower-run2", own_data=True) / "feddiff_flower_app" / \
+        "feddiff_run.json"
+    shared.app_file = app2
+    with pytest.raises(Exception, match="written for nodes with their own data, but the nodes cut a shared dataset"):
+        apps.server_main(shared, app2)
+
+
+def test_the_servers_test_split_must_have_the_declared_channels(make_config, tmp_path):
+    from feddiff.engines.experiment import DeclaredData, build_experiment
+
+    cfg = make_config()
+    with pytest.raises(ConfigError, match="declare 3-channel images; the server's test split has 1"):
+        build_experiment(cfg, DeclaredData((200, 200), 3, tuple(str(c) for c in range(10))))
 
 
 def test_own_data_is_declared_consistently(make_config, tmp_path, task_identity, monkeypatch):
@@ -309,11 +356,13 @@ def test_own_data_is_declared_consistently(make_config, tmp_path, task_identity,
         node_identity({"partition-id": 0, "num-partitions": 2, "own-data": True})
     with pytest.raises(ConfigError, match="'own-data' must be true or false, got 'yes'"):
         node_identity({"partition-id": 0, "num-partitions": 2, "own-data": "yes", "data-root": "/x"})
-    own = {"own": True, "size": 5, "channels": 1, "num_classes": 10}
+    own = {"own": True, "size": 5, "channels": 1, "classes": ("a", "b")}
     with pytest.raises(ConfigError, match=r"partitions \[0\] hold their own data .* and \[1\] cut a shared dataset"):
         apps.declared_data({0: {"node": 1, "edge": "", **own}, 1: {"node": 2, "edge": ""}})
     with pytest.raises(ConfigError, match=r"disagree on channels: \{0: 1, 1: 3\}"):
         apps.declared_data({0: {"node": 1, "edge": "", **own}, 1: {"node": 2, "edge": "", **own, "channels": 3}})
+    with pytest.raises(ConfigError, match=r"disagree on classes: \{0: \('a', 'b'\), 1: \('b', 'c'\)\}"):
+        apps.declared_data({0: {"node": 1, "edge": "", **own}, 1: {"node": 2, "edge": "", **own, "classes": ("b", "c")}})
     assert apps.declared_data({0: {"node": 1, "edge": ""}}) is None
     got = apps.declared_data({1: {"node": 2, "edge": "", **own, "size": 7}, 0: {"node": 1, "edge": "", **own}})
     assert got.sizes == (5, 7) and got.channels == 1  # in partition order
@@ -325,16 +374,44 @@ def test_own_data_is_declared_consistently(make_config, tmp_path, task_identity,
              for k, f in enumerate(folders)}
     found = discover(FakeGrid(confs, app), 2)  # the hello reads the node's data: its size, channels and classes
     sizes = [len(p) for p in json.loads((run(cfg).path / "partition.json").read_text())["indices"]]
-    assert [found[k]["size"] for k in range(2)] == sizes and found[0]["channels"] == 1 and found[1]["num_classes"] == 10
+    assert [found[k]["size"] for k in range(2)] == sizes and found[0]["channels"] == 1 and len(found[1]["classes"]) == 10
     (folders[1] / "train-images-idx3-ubyte.gz").unlink()
     with pytest.raises(Exception, match="train-images-idx3-ubyte"):  # a node missing its data says which file
         discover(FakeGrid(confs, app), 2)
-    bad = RecordDict({"feddiff": apps.ConfigRecord({"partition-id": 0, "num-partitions": 1, "edge-id": "",
-                                                   "own-data": True, "num-examples": 0, "channels": 1,
-                                                   "num-classes": 10})})
-    monkeypatch.setattr(apps, "hello_answer", lambda conf, app_file=None: bad)
-    with pytest.raises(Exception, match=r"declares num-examples=0; expected an integer in \[1, 1000000000\]"):
-        discover(FakeGrid({1: {"partition-id": 0, "num-partitions": 1}}, app), 1)
+    def answering(**fields):
+        base = {"partition-id": 0, "num-partitions": 1, "edge-id": "", "own-data": True, "num-examples": 5,
+                "channels": 1, "class-names": ["a", "b"]}
+        record = RecordDict({"feddiff": apps.ConfigRecord({k: v for k, v in {**base, **fields}.items() if v is not None})})
+        monkeypatch.setattr(apps, "hello_answer", lambda conf, app_file=None: record)
+        return FakeGrid({1: {"partition-id": 0, "num-partitions": 1}}, app)
+
+    for fields, match in [({"num-examples": 0}, r"declares num-examples=0; expected an integer in \[1, 1000000000\]"),
+                          ({"num-examples": True}, "declares num-examples=True"),
+                          ({"channels": 9}, r"declares channels=9; expected an integer in \[1, 4\]"),
+                          ({"class-names": None}, "holds its own data but did not say 'class-names'"),
+                          ({"class-names": []}, "declares class-names=\\[\\]; expected a list of 1 to"),
+                          ({"partition-id": 3}, r"partition-id=3, not in 0..0")]:
+        with pytest.raises(Exception, match=match):
+            discover(answering(**fields), 1)
+
+
+def test_the_partition_cache_key_follows_the_data_folder(make_config, tmp_path, monkeypatch):
+    from feddiff.data.sources import FASHION_MNIST_DIR
+    from feddiff.engines.flower.node import data_folder, load_partition, partition_key
+
+    assert data_folder(make_config(data={"root": ""})) == FASHION_MNIST_DIR  # the loader's default, not ""
+    root = tmp_path / "data"
+    shutil.copytree(make_config().data.root, root)
+    cfg = make_config(data={"root": str(root)})
+    monkeypatch.setenv("FEDDIFF_CACHE", str(root))  # the node's cache inside its data folder: not data
+    key = partition_key(cfg, 0)
+    load_partition(cfg, 0)
+    assert any((root / "flower-partitions").iterdir()) and partition_key(cfg, 0) == key
+    (root / "extra").mkdir()
+    assert partition_key(cfg, 0) != key
+    key = partition_key(cfg, 0)
+    (root / "extra" / "more.png").write_bytes(b"x")  # a file added in a subfolder
+    assert partition_key(cfg, 0) != key
 
 
 def test_a_record_round_trips_through_context_state():

@@ -110,7 +110,7 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def load_fashion_mnist(root: str, split: str, size: int | None = None) -> ImageData:
-    base = Path(root or FASHION_MNIST_DIR)
+    base = Path(data_root("fashion-mnist", root))
     prefix = {"train": "train", "test": "t10k"}[split]
     expected = [f"{p}-{k}-idx{n}-ubyte[.gz]" for p in ("train", "t10k") for k, n in (("images", 3), ("labels", 1))]
     if not base.is_dir():
@@ -204,7 +204,7 @@ def _cifar_binary(folder: Path, files: list[str]) -> tuple[np.ndarray, np.ndarra
 
 
 def load_cifar10(root: str, split: str, size: int | None = None) -> ImageData:
-    base = Path(root or "data/cifar10")
+    base = Path(data_root("cifar10", root))
     py_files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     for folder in (base, base / "cifar-10-batches-py", base / "cifar-10-batches-bin"):
         if (folder / py_files[0]).is_file():
@@ -286,7 +286,7 @@ def load_celeba(root: str, split: str, size: int | None = None) -> ImageData:
     Expects ``img_align_celeba/``, ``list_attr_celeba.txt`` and ``list_eval_partition.txt`` in root.
     Images are center-cropped to 178x178 (de Goede, Diff-Pruning), then resized to ``size`` as read.
     """
-    base = Path(root or "data/celeba")
+    base = Path(data_root("celeba", root))
     need = [base / "img_align_celeba", base / "list_attr_celeba.txt", base / "list_eval_partition.txt"]
     missing = [str(p) for p in need if not p.exists()]
     if missing:
@@ -333,6 +333,14 @@ DATASETS: dict[str, Reader] = {
     "celeba": load_celeba,
     "image-folder": load_image_folder,
 }
+
+
+DEFAULT_ROOTS = {"fashion-mnist": FASHION_MNIST_DIR, "cifar10": "data/cifar10", "celeba": "data/celeba"}
+
+
+def data_root(name: str, root: str) -> str:
+    """The folder a dataset is read from: ``root``, else the reader's default (image-folder has none)."""
+    return root or DEFAULT_ROOTS.get(name, "")
 
 
 def load_dataset(name: str, root: str, split: str, size: int | None = None) -> ImageData:

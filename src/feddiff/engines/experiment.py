@@ -200,16 +200,20 @@ class ModelCache:
 @dataclass(frozen=True)
 class DeclaredData:
     """The clients' data as they declared it, where the server holds none of it (Flower nodes with their own
-    data): each client's number of training images, their channels and number of classes."""
+    data): each client's number of training images, their channels and the class names in label order."""
 
     sizes: tuple[int, ...]
     channels: int
-    num_classes: int
+    classes: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
     def record(self, cfg: Config) -> dict:
         """What partition.json holds for such a run: the declared sizes, no indices or histograms."""
         return {"method": "own-data", "num_clients": len(self.sizes), "hash": self.hash(), "sizes": list(self.sizes),
-                "channels": self.channels, "num_classes": self.num_classes, "declared": True,
+                "channels": self.channels, "classes": list(self.classes), "declared": True,
                 "note": "each node trains on its own data; sizes as the nodes declared them"}
 
     @classmethod
@@ -217,13 +221,14 @@ class DeclaredData:
         """The declaration a run's partition.json holds (a run of nodes with their own data), else None."""
         if record.get("method") != "own-data":
             return None
-        return cls(tuple(int(n) for n in record["sizes"]), int(record["channels"]), int(record["num_classes"]))
+        return cls(tuple(int(n) for n in record["sizes"]), int(record["channels"]), tuple(record["classes"]))
 
     def hash(self) -> str:
         import hashlib
         import json
 
-        return hashlib.sha256(json.dumps(["own-data", list(self.sizes)]).encode()).hexdigest()[:16]
+        what = ["own-data", list(self.sizes), self.channels, list(self.classes)]
+        return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -304,7 +309,8 @@ class Experiment:
         sizes = self.num_samples
         return (
             f"[bold]feddiff[/bold] {cfg.algorithm.name} | {cfg.data.dataset} {cfg.data.image_size}px, "
-            f"{self.num_clients} clients ({cfg.partition.method}, sizes {min(sizes)}..{max(sizes)}) | "
+            f"{self.num_clients} clients ({'own data' if self.parts is None else cfg.partition.method}, sizes "
+            f"{min(sizes)}..{max(sizes)}) | "
             f"{cfg.model.preset} U-Net {count_parameters(self.model) / 1e6:.2f}M params | {self.device} | "
             f"rounds {start_round + 1}..{cfg.run.num_rounds} -> {run_dir.path}"
         )
@@ -329,6 +335,9 @@ def build_experiment(cfg: Config, declared: DeclaredData | None = None) -> Exper
         if cfg.eval.loss_num_samples > 0 and cfg.data.dataset != "image-folder":
             raise
         test = None
+    if declared is not None and test is not None and test.channels != declared.channels:
+        raise ConfigError(f"the nodes declare {declared.channels}-channel images; the server's test split has "
+                          f"{test.channels} ({cfg.data.dataset} under {cfg.data.root or 'its default folder'!r})")
     if declared is None:
         _, parts = partition_train(cfg, train.labels.numpy())
         client_data = [ClientData(train.images[torch.from_numpy(p)].to(device), train.labels[torch.from_numpy(p)],

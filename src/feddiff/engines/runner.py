@@ -26,7 +26,11 @@ def evaluate_checkpoint(path: str | Path, rnd: int | None, overrides: list[str])
     raw = apply_overrides(load_resolved(run_dir.config_path).model_dump(mode="json"), list(overrides),
                           allowed=("eval.",), where="in feddiff eval (it changes eval.* settings only)")
     cfg = config_from_dict(raw, f"{run_dir.config_path} with {' '.join(overrides)}")
-    sim = Simulator(build_experiment(cfg, declared_data(run_dir)), run_dir)  # (own data: no training image read)
+    declared = declared_data(run_dir)
+    if declared is not None and cfg.eval.federated_reference and cfg.eval.fid_num_samples:
+        raise RunError(f"{run_dir.path} was trained by nodes on their own data: federated reference statistics "
+                       "need those nodes (the clients' images are not here)")
+    sim = Simulator(build_experiment(cfg, declared), run_dir)  # (own data: no training image read)
     t = time.perf_counter()
     done = sim.restore(rnd)
     result = sim.evaluate(done)

@@ -24,7 +24,7 @@ import feddiff
 from feddiff.client.node import ClientData, ClientNode
 from feddiff.client.runtime import ClientState
 from feddiff.compress.link import ClientLink
-from feddiff.config import Config
+from feddiff.config import Config, ConfigError
 from feddiff.engines.loop import EVAL_LINK, Incoming, Outgoing, RoundEvents, Server
 from feddiff.engines.evaluate import Evaluator, build_quality, load_feature_network
 from feddiff.engines.experiment import Experiment, ModelCache, load_split
@@ -194,7 +194,17 @@ class Simulator:
         cfg, exp = self.cfg, self.exp
         if cfg.eval.fid_num_samples == 0 or self._quality_ready:
             return
-        net = load_feature_network(cfg, exp.device, log=lambda m: print(m, flush=True))
+        try:
+            net = load_feature_network(cfg, exp.device, log=lambda m: print(m, flush=True))
+            ref = load_split(cfg, cfg.eval.reference_split) if not cfg.eval.federated_reference else None
+        except FileNotFoundError as err:
+            if exp.declared is None:
+                raise
+            raise ConfigError(
+                f"the nodes hold their own data, and FD/KID on the server needs a {cfg.data.dataset} train split of "
+                f"its own (data.root = {cfg.data.root!r}) for eval.feature_net = \"domain\" or eval.reference_split "
+                f"= \"train\": {err}. Give the server one, or set eval.feature_net = \"inception\" (with "
+                f"eval.inception_weights) and eval.reference_split = \"test\", or eval.fid_num_samples = 0") from None
         if cfg.eval.federated_reference:
             # asked once per run and kept in the run folder: a resume or `feddiff eval` sends nothing again
             kept = self.run_dir.path / f"federated-reference-{net.name}-{str(net.weights_id)[:16]}.npz"
@@ -212,7 +222,6 @@ class Simulator:
                 save_stats(kept, total)
             quality = build_quality(cfg, net, None, total)
         else:
-            ref = load_split(cfg, cfg.eval.reference_split)
             quality = build_quality(cfg, net, ref.images)
         self.server.evaluator.quality = quality
         self._quality_ready = True

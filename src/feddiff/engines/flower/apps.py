@@ -22,6 +22,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 # light imports only: a ClientApp process imports this module for every message, and a hello needs no torch
+# (but a node with its own data: it reads the data to declare its size)
 from feddiff.config import Config, ConfigError, config_from_dict
 from feddiff.engines.flower.node import (EDGE_ID, NUM_PARTITIONS, OWN_DATA, PARTITION_ID, WORKER, NodeSession,
                                          node_identity, own_data_summary)
@@ -84,6 +85,17 @@ def server_main(grid: Grid, app_file: Path) -> str:
     found = discover(grid, cfg.partition.num_clients)
     cfg = with_node_edges(cfg, found)
     declared = declared_data(found)
+    if declared is not None and not extra.get("own_data"):
+        raise ConfigError("the nodes hold their own data (own-data=true), but this run was not written for that: "
+                          "their declared sizes would replace the partition's as aggregation weights. Write the app "
+                          "with own_data=True (feddiff flower --own-data ...), or start the nodes without own-data")
+    if declared is None and extra.get("own_data"):
+        raise ConfigError("this run was written for nodes with their own data, but the nodes cut a shared dataset "
+                          "(no own-data=true in their node config)")
+    if declared is not None:
+        print(f"the nodes hold their own data: {len(declared.sizes)} clients of {min(declared.sizes)}.."
+              f"{max(declared.sizes)} images (declared sizes: the aggregation weights), {declared.channels} "
+              f"channel(s), {len(declared.classes)} classes", flush=True)
     # nodes that cut a shared dataset: the server reads its train split for the partition sizes (the aggregation
     # weights); nodes with their own data: their declared sizes, and the server reads no training image
     exp = build_experiment(cfg, declared)
@@ -122,12 +134,12 @@ def declared_data(found: dict[int, dict[str, Any]]):
     if len(own) != len(found):
         raise ConfigError(f"partitions {own} hold their own data ({OWN_DATA}=true) and "
                           f"{sorted(set(found) - set(own))} cut a shared dataset; all nodes must do the same")
-    for key in ("channels", "num_classes"):
+    for key in ("channels", "classes"):  # (class names in label order: label k must mean one class everywhere)
         values = {pid: found[pid][key] for pid in own}
         if len(set(values.values())) > 1:
-            raise ConfigError(f"the nodes' own data disagree on {key.replace('_', ' ')}: {values}")
+            raise ConfigError(f"the nodes' own data disagree on {key}: {str(values)[:400]}")
     first = found[own[0]]
-    return DeclaredData(tuple(found[pid]["size"] for pid in own), first["channels"], first["num_classes"])
+    return DeclaredData(tuple(found[pid]["size"] for pid in own), first["channels"], first["classes"])
 
 
 def hello_answer(node_config: dict[str, Any], app_file: str | Path | None = None) -> RecordDict:

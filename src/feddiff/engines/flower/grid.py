@@ -87,25 +87,31 @@ def discover(grid: Grid, num_clients: int, wait_s: float = 300.0, poll_s: float 
         if num != num_clients:
             raise RunError(f"SuperNode {node} has {NUM_PARTITIONS}={num}; the run has partition.num_clients="
                            f"{num_clients}")
+        if not 0 <= pid < num_clients:
+            raise RunError(f"SuperNode {node} has {PARTITION_ID}={pid}, not in 0..{num_clients - 1}")
         if pid in found:
             raise RunError(f"SuperNodes {found[pid]['node']} and {node} both hold {PARTITION_ID}={pid}")
         found[pid] = {"node": node, "edge": str(c[EDGE_ID])}
         if OWN_DATA in c and c[OWN_DATA] is True:  # its own data: how much (the aggregation weight), what shape
             try:
-                size, channels, classes = (c[k] for k in ("num-examples", "channels", "num-classes"))
+                size, channels, classes = (c[k] for k in ("num-examples", "channels", "class-names"))
             except KeyError as err:
                 raise RunError(f"SuperNode {node} holds its own data but did not say {err}") from None
-            for key, value, top in (("num-examples", size, MAX_CLAIMED_SAMPLES), ("channels", channels, 4),
-                                    ("num-classes", classes, 1 << 20)):
+            for key, value, top in (("num-examples", size, MAX_CLAIMED_SAMPLES), ("channels", channels, 4)):
                 if type(value) is not int or not 1 <= value <= top:
                     raise RunError(f"SuperNode {node} declares {key}={value!r}; expected an integer in [1, {top}]")
-            found[pid].update(own=True, size=size, channels=channels, num_classes=classes)
+            if not (isinstance(classes, list) and 1 <= len(classes) <= MAX_CLASSES
+                    and all(type(x) is str and len(x) <= 256 for x in classes)):
+                raise RunError(f"SuperNode {node} declares class-names={str(classes)[:80]}; expected a list of 1 to "
+                               f"{MAX_CLASSES} names (strings of at most 256 characters)")
+            found[pid].update(own=True, size=size, channels=channels, classes=tuple(classes))
     absent = sorted(set(range(num_clients)) - set(found))
     if absent:
         raise RunError(f"no SuperNode holds partitions {absent} (connected: {sorted(found)})")
     return found
 
 
+MAX_CLASSES = 1 << 16  # class names a node with its own data may declare
 ROLLBACK_WAIT_S = 300.0  # how long a rollback waits for the nodes' answers at least
 
 

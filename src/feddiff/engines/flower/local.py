@@ -89,7 +89,10 @@ def free_port() -> int:
 
 
 def write_app(folder: Path, cfg: Config, run_path: Path | None, **engine: Any) -> Path:
-    """The app folder ``flwr run`` takes: pyproject, two thin modules, and the resolved config."""
+    """The app folder ``flwr run`` takes: pyproject, two thin modules, and the resolved config.
+
+    ``engine``: the ServerApp's settings beside the config (``poll_s``, ``round_timeout_s``, ``own_data``:
+    True for nodes with their own data, whose declared sizes then weigh their updates)."""
     pkg = folder / APP_PACKAGE
     pkg.mkdir(parents=True, exist_ok=True)
     (folder / "pyproject.toml").write_text(PYPROJECT.format(pkg=APP_PACKAGE))
@@ -111,8 +114,9 @@ def node_config(pid: int, num: int, edge: str = "", own_data: str | Path | None 
         root = str(Path(own_data).resolve())
         if not Path(root).is_dir():
             raise RunError(f"node {pid}'s own data {root!r} is not a folder")
-        if any(ch in root for ch in '"\\\n'):
-            raise RunError(f"node {pid}'s own data {root!r}: a folder whose path has no quote, backslash or newline")
+        if not root.isprintable() or any(ch in root for ch in '"\\'):
+            raise RunError(f"node {pid}'s own data {root!r}: give a folder whose path has no quote, backslash or "
+                           "control character (it goes into a TOML string)")
         text += f' own-data=true data-root="{root}"'
     return text
 
@@ -365,7 +369,8 @@ def run_local(cfg: Config, folder: str | Path, num_nodes: int | None = None, edg
         raise RunError(f"{run_path} already holds a run; give another deployment folder")
     confs = [node_config(k, n, edges[k] if edges else "", own_data[k] if own_data else None) for k in range(n)]
     folder.mkdir(parents=True, exist_ok=True)
-    app = write_app(folder / "app", cfg, run_path, poll_s=poll_s, round_timeout_s=round_timeout_s)
+    app = write_app(folder / "app", cfg, run_path, poll_s=poll_s, round_timeout_s=round_timeout_s,
+                    own_data=own_data is not None)
     with LocalDeployment(folder, confs, tls, auth, workers=workers) as dep:
         dep.run(app, timeout_s)
     if not (run_path / DONE_FILE).exists():  # the ServerApp writes it after its last round

@@ -91,28 +91,47 @@ def decode_record(blob: bytes | None):
 
 def partition_key(cfg: Config, pid: int, own: bool = False) -> str:
     """What defines a client's data: dataset, size, subset, partition and the seeds they derive from (a node's
-    own data: the dataset's settings, its folder among them), and the files under ``data.root`` as they are
-    now (names, sizes, modification times: a file replaced, added or removed is read again)."""
+    own data: the dataset's settings, its folder among them), and the data folder as it is now
+    (:func:`files_of`: a file added, removed or replaced at its top is read again)."""
     what = {"data": cfg.data.model_dump(mode="json"), "partition": cfg.partition.model_dump(mode="json"),
             "seed": cfg.run.seed, "client": pid}
     if own:
         what = {"data": cfg.data.model_dump(mode="json"), "own": True}
-    what["files"] = files_of(cfg.data.root)
+    what["files"] = files_of(data_folder(cfg))
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def data_folder(cfg: Config) -> str:
+    """The folder the node's data is read from (``data.root``, else the dataset reader's default)."""
+    from feddiff.data.sources import data_root
+
+    return data_root(cfg.data.dataset, cfg.data.root)
+
+
 def files_of(root: str) -> list[tuple[str, int, int]]:
-    """(relative path, size, modification time in ns) of every file under ``root``, sorted."""
-    out, cache = [], os.path.abspath(cache_dir().parent)  # (the node's own cache, if kept under root: not data)
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if os.path.abspath(os.path.join(folder, d)) != cache)
-        for name in files:
+    """What the data folder holds, cheaply: (name, size, modification time in ns) of each file at its top,
+    and (name/, number of entries, modification time) of each folder there (CelebA keeps 200k images in
+    one: listing a folder costs little, a stat of each image 3 s). A file replaced in place inside a
+    folder goes unnoticed. The node's own cache is left out when it is kept under the data folder."""
+    if not root or not os.path.isdir(root):
+        return []
+    cache = os.path.realpath(cache_dir())
+    out = []
+    with os.scandir(root) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            path = os.path.realpath(entry.path)
+            if cache == path or cache.startswith(path + os.sep):
+                continue
             try:
-                st = os.stat(os.path.join(folder, name))
+                st = entry.stat()  # (follows links: a linked class folder is what is read)
+                if entry.is_dir():
+                    with os.scandir(entry.path) as inner:
+                        out.append((entry.name + "/", sum(1 for _ in inner), st.st_mtime_ns))
+                else:
+                    out.append((entry.name, st.st_size, st.st_mtime_ns))
             except OSError:
                 continue
-            out.append((os.path.relpath(os.path.join(folder, name), root), st.st_size, st.st_mtime_ns))
-    return sorted(out)
+    return out
 
 
 def cache_dir() -> Path:
@@ -120,23 +139,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDDIFF_CACHE") or Path.home() / ".cache" / "feddiff") / "flower-partitions"
 
 
-def load_partition(cfg: Config, pid: int, own: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(uint8 images, labels, number of classes) of client ``pid``: from the node's cache, else read and cut.
+def load_partition(cfg: Config, pid: int, own: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(uint8 images, labels, class names) of client ``pid``: from the node's cache, else read and cut.
 
     The cut is the simulator's (``partition_train`` of the whole train split), so a Flower client trains on
     exactly the images the simulator's client ``pid`` does. ``own``: the whole train split under
     ``data.root``, the node's own images, in the order they are stored.
     """
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     from feddiff.engines.experiment import load_split, partition_train
 
     path = cache_dir() / f"{partition_key(cfg, pid, own)}.safetensors"
     if path.exists():
         try:
-            got = load_file(str(path))
-            return got["images"], got["labels"], int(got["num_classes"])
+            with safe_open(str(path), "pt") as fh:
+                classes = json.loads(fh.metadata()["class_names"])
+                if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+                    raise ValueError("class names")
+                return fh.get_tensor("images"), fh.get_tensor("labels"), classes
         except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt, never trusted
             path.unlink(missing_ok=True)
     train = load_split(cfg, "train")
@@ -152,9 +175,9 @@ def load_partition(cfg: Config, pid: int, own: bool = False) -> tuple[torch.Tens
         images, labels = train.images[idx].contiguous(), train.labels[idx].contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({"images": images, "labels": labels, "num_classes": torch.tensor(train.num_classes)}, str(tmp))
+    save_file({"images": images, "labels": labels}, str(tmp), {"class_names": json.dumps(train.class_names)})
     os.replace(tmp, path)
-    return images, labels, train.num_classes
+    return images, labels, list(train.class_names)
 
 
 def node_data_config(cfg: Config, identity: NodeIdentity) -> Config:
@@ -164,11 +187,12 @@ def node_data_config(cfg: Config, identity: NodeIdentity) -> Config:
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": identity.data_root})})
 
 
-def own_data_summary(cfg: Config, identity: NodeIdentity) -> dict[str, int]:
+def own_data_summary(cfg: Config, identity: NodeIdentity) -> dict[str, Any]:
     """What a node with its own data tells the server in its hello: how many training images it holds (the
-    aggregation weight: a claim the server cannot check), their channels and the number of classes."""
-    images, _, num_classes = load_partition(node_data_config(cfg, identity), identity.partition_id, True)
-    return {"num-examples": int(images.shape[0]), "channels": int(images.shape[1]), "num-classes": int(num_classes)}
+    aggregation weight: a claim the server cannot check), their channels and the class names (in label order:
+    every node's must be the same)."""
+    images, _, classes = load_partition(node_data_config(cfg, identity), identity.partition_id, True)
+    return {"num-examples": int(images.shape[0]), "channels": int(images.shape[1]), "class-names": list(classes)}
 
 
 class NodeSession:
@@ -194,8 +218,8 @@ class NodeSession:
         if cfg.run.num_threads:
             torch.set_num_threads(cfg.run.num_threads)
         device = pick_device(cfg.run.device, cfg.run.deterministic)
-        images, labels, num_classes = load_partition(cfg, identity.partition_id, identity.own_data)
-        self.data = ClientData(images.to(device), labels, num_classes)
+        images, labels, classes = load_partition(cfg, identity.partition_id, identity.own_data)
+        self.data = ClientData(images.to(device), labels, len(classes))
         d, t = cfg.diffusion, cfg.train
         spec = model_spec(cfg, int(images.shape[1]))
         runtime = ClientRuntime(ModelCache(device, derive_seed(cfg.run.seed, "model-init")), spec,
