@@ -95,10 +95,13 @@ def test_running_checks_what_lies_between_and_only_goes_forward(monkeypatch):
     frame = bytearray(random.Random(1).randbytes(100))
     x = torch.arange(6, dtype=torch.int16)
     running = crc.Running(memoryview(frame), 8)
-    running.gather(20, [(x.data_ptr(), x.nbytes)])  # bytes 8..20 checked as they are, then the piece written
+    with pytest.raises(ValueError, match="the pieces hold 12 bytes, not 13"):
+        running.gather(20, [(x.data_ptr(), x.nbytes)], 13)
+    assert running.done == 8
+    running.gather(20, [(x.data_ptr(), x.nbytes)], 12)  # bytes 8..20 checked as they are, then the piece written
     assert frame[20:32] == x.numpy().tobytes() and running.done == 32
     with pytest.raises(RuntimeError, match="go forward"):
-        running.gather(30, [])
+        running.gather(30, [], 0)
     out = bytearray(10)
     assert running.copy_out(40, out) and out == frame[40:50]
     assert not running.copy_out(45, bytearray(2))  # checked already: the caller copies
@@ -232,7 +235,7 @@ def test_with_fused_copies_off_nothing_changes_but_the_passes(monkeypatch):
     blob = encode(m)
     assert wire.decode(blob).meta == {"round": 2}
     with pytest.raises(RuntimeError, match="fused copies are off"):
-        crc.Running(memoryview(bytearray(8))).gather(0, [])
+        crc.Running(memoryview(bytearray(8))).gather(0, [], 0)
 
 
 @needs_cpu

@@ -11,7 +11,7 @@ zero bytes. ``Z_n`` is kept as the images of the 32 basis bits, made once per le
 
     crc32_of([blob])                     # == zlib.crc32(blob)
     crc32c_of([blob])                    # == crc32c.crc32c(blob)
-    running = Running(frame); running.gather(16, [(address, size), ...]); running.result()
+    running = Running(frame); running.gather(16, [(address, size), ...], nbytes); running.result()
     future = crc32_async([head, *parts]) # a concurrent.futures-like object; .result() is the CRC
 """
 
@@ -275,16 +275,19 @@ class Running:
             self._crc = _crc32c.crc32c(self.frame[self.done : end], self._crc)
             self.done = end
 
-    def gather(self, offset: int, pieces: list[tuple[int, int]]) -> None:
-        """Write ``pieces`` (address, size: memory the caller keeps alive and unchanged for the call)
-        one after another into the (writable) frame from ``offset`` (at or after :attr:`done`), checked
-        on the way."""
+    def gather(self, offset: int, pieces: list[tuple[int, int]], nbytes: int) -> None:
+        """Write ``pieces`` (address, size: memory the caller keeps alive and unchanged for the call),
+        ``nbytes`` in all, one after another into the (writable) frame from ``offset`` (at or after
+        :attr:`done`), checked on the way; ValueError, with nothing written, if they are not ``nbytes``."""
         if not FUSED or offset < self.done:
             raise RuntimeError(f"gather at {offset}: fused copies {'are off' if not FUSED else 'go forward'}"
                                f" (checked up to {self.done})")
+        total = sum(size for _, size in pieces)
+        if total != nbytes:
+            raise ValueError(f"gather at {offset}: the pieces hold {total} bytes, not {nbytes}")
         self.upto(offset)
         self._crc = _copycrc.gather(self.frame, offset, pieces, self._crc)
-        self.done = offset + sum(size for _, size in pieces)
+        self.done = offset + nbytes
 
     def copy_out(self, offset: int, out: Any) -> bool:
         """Copy ``len(out)`` bytes of the frame from ``offset`` into ``out`` (a writable buffer), checked

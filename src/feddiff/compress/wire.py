@@ -389,9 +389,8 @@ def _groups_from(header: dict[str, Any]) -> tuple[list[_Group], int]:
                     raise MessageError(f"tensor {n!r:.200} appears twice in the message")
                 seen.add(n)
         seen.update(names)
-        if not (all(type(s) is list and len(s) <= _MAX_DIMS for s in shapes)  # (fast: one pass over all dims)
-                and all(type(d) is int and 0 <= d <= _MAX_DIM for d in (d for s in shapes for d in s))):
-            bad = next(i for i, s in enumerate(shapes) if not _valid_shape(s))
+        bad = next((i for i, s in enumerate(shapes) if not _valid_shape(s)), None)  # (once per layout: kept)
+        if bad is not None:
             raise MessageError(f"tensor {names[bad]!r:.200}: invalid shape {str(shapes[bad])[:80]} (at most "
                                f"{_MAX_DIMS} dimensions of 0..{_MAX_DIM})")
         numels = [math.prod(s) for s in shapes]
@@ -612,10 +611,7 @@ def _gather(running: Running, start: int, nbytes: int, xs: list[torch.Tensor]) -
     (sparse ones, efficient zero tensors): the codec's path takes them (and says what is wrong)."""
     try:
         xs = [x.resolve_neg().contiguous() if x.is_neg() or not x.is_contiguous() else x for x in xs]
-        pieces = [(x.data_ptr(), x.nbytes) for x in xs]
-        if sum(n for _, n in pieces) != nbytes:
-            return False
-        running.gather(start, pieces)  # (checks every piece before it writes one: a null address with bytes)
+        running.gather(start, [(x.data_ptr(), x.nbytes) for x in xs], nbytes)  # (checks every piece first)
     except (RuntimeError, ValueError):
         return False
     return True

@@ -93,10 +93,9 @@ def partition_key(cfg: Config, pid: int, own: bool = False) -> str:
     """What defines a client's data: dataset, size, subset, partition and the seeds they derive from (a node's
     own data: the dataset's settings, its folder among them), and the data folder as it is now
     (:func:`files_of`: a file added, removed or replaced at its top is read again)."""
-    what = {"data": cfg.data.model_dump(mode="json"), "partition": cfg.partition.model_dump(mode="json"),
-            "seed": cfg.run.seed, "client": pid}
-    if own:
-        what = {"data": cfg.data.model_dump(mode="json"), "own": True}
+    what = {"data": cfg.data.model_dump(mode="json"), "own": True} if own else \
+        {"data": cfg.data.model_dump(mode="json"), "partition": cfg.partition.model_dump(mode="json"),
+         "seed": cfg.run.seed, "client": pid}
     what["files"] = files_of(data_folder(cfg))
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 
